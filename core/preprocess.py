@@ -1,0 +1,65 @@
+"""Eval-time preprocessing rebuilt from a ModelSpec with Pillow and numpy only (no torch).
+
+This is what the deployment runtime and the demo run. The training eval transform
+(`core.transforms.eval_transform`, torchvision) is built from the same spec; a golden test
+keeps the two within 1/255.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from PIL import Image
+
+from core.spec import ModelSpec
+
+_PIL_INTERP = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
+               "nearest": Image.Resampling.NEAREST}
+
+
+def to_color(im: Image.Image, spec: ModelSpec) -> Image.Image:
+    """RGB or L, as the spec's color policy says (gray3 = grayscale replicated to 3 channels)."""
+    if spec.color == "rgb":
+        return im.convert("RGB")
+    if spec.color == "gray3":
+        return im.convert("L").convert("RGB")
+    return im.convert("L")
+
+
+def resize_crop(im: Image.Image, spec: ModelSpec) -> Image.Image:
+    """Resize and crop exactly as torchvision's Resize(int) + CenterCrop do on PIL images."""
+    interp = _PIL_INTERP[spec.interpolation]
+    s = spec.image_size
+    if spec.crop == "squash":
+        return im.resize((s, s), interp)
+    w, h = im.size
+    short, long = (w, h) if w <= h else (h, w)
+    new_short, new_long = spec.resize_size, int(spec.resize_size * long / short)
+    new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
+    if (new_w, new_h) != (w, h):
+        im = im.resize((new_w, new_h), interp)
+    top = int(round((new_h - s) / 2.0))
+    left = int(round((new_w - s) / 2.0))
+    return im.crop((left, top, left + s, top + s))
+
+
+def model_view(im: Image.Image, spec: ModelSpec) -> Image.Image:
+    """The exact pixels the network sees (before normalisation): used for the demo's crop preview."""
+    return resize_crop(to_color(im, spec), spec)
+
+
+def normalize(view: Image.Image, spec: ModelSpec) -> np.ndarray:
+    a = np.asarray(view, dtype=np.float32) / 255.0
+    if a.ndim == 2:
+        a = a[:, :, None]
+    a = (a - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    return np.ascontiguousarray(a.transpose(2, 0, 1))
+
+
+def preprocess(im: Image.Image, spec: ModelSpec) -> np.ndarray:
+    """Decoded image -> float32 CHW array, normalised, ready to batch."""
+    return normalize(model_view(im, spec), spec)
+
+
+def preprocess_batch(images: list[Image.Image], spec: ModelSpec) -> np.ndarray:
+    return np.stack([preprocess(im, spec) for im in images]) if images else np.zeros(
+        (0, spec.in_channels, spec.image_size, spec.image_size), np.float32)
