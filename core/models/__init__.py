@@ -63,8 +63,8 @@ def _lite(variant: str) -> Builder:
     width, depth, _, _ = LITE_VARIANTS[variant]
 
     def build(in_channels: int = 3, image_size: int = 224, weights: str | None = None,
-              taps: tuple[int, ...] = (), drop_connect: float = 0.2):
-        net = EfficientNetLite(width, depth, in_channels, drop_connect, tuple(taps))
+              taps: tuple[int, ...] = (), pool: str = "mean", drop_connect: float = 0.2):
+        net = EfficientNetLite(width, depth, in_channels, drop_connect, tuple(taps), pool)
         if not weights:
             return net, net.num_features, None
         if variant != "efficientnet_lite0" and weights == LITE0_WEIGHTS:

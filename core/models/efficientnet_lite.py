@@ -74,10 +74,14 @@ class MBConv(nn.Module):
 
 
 class EfficientNetLite(nn.Module):
-    """Backbone: image -> pooled features. `taps` adds pooled features of earlier blocks (multi-scale)."""
+    """Backbone: image -> pooled features.
+
+    `taps` adds pooled features of earlier blocks (multi-scale texture statistics); `pool="meanmax"`
+    concatenates global max to global mean pooling, which keeps small local defects visible.
+    """
 
     def __init__(self, width: float = 1.0, depth: float = 1.0, in_channels: int = 3,
-                 drop_connect: float = 0.2, taps: tuple[int, ...] = ()) -> None:
+                 drop_connect: float = 0.2, taps: tuple[int, ...] = (), pool: str = "mean") -> None:
         super().__init__()
         self._conv_stem = SameConv2d(in_channels, 32, 3, 2, bias=False)  # stem/head not scaled in Lite
         self._bn0 = _bn(32)
@@ -91,8 +95,13 @@ class EfficientNetLite(nn.Module):
             MBConv(*spec, drop=drop_connect * i / len(specs)) for i, spec in enumerate(specs))
         self._conv_head = nn.Conv2d(specs[-1][1], 1280, 1, bias=False)
         self._bn1 = _bn(1280)
-        self.taps = tuple(int(t) for t in taps)
-        self.num_features = 1280 + sum(specs[t][1] for t in self.taps)
+        if pool not in ("mean", "meanmax") or any(not 0 <= t < len(specs) for t in taps):
+            raise ValueError(f"pool must be mean|meanmax and taps block indices < {len(specs)}")
+        self.taps, self.pool = tuple(int(t) for t in taps), pool
+        self.num_features = (1280 + sum(specs[t][1] for t in self.taps)) * (2 if pool == "meanmax" else 1)
+
+    def _pool(self, x: torch.Tensor) -> list[torch.Tensor]:
+        return [x.mean((2, 3)), x.amax((2, 3))] if self.pool == "meanmax" else [x.mean((2, 3))]
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = F.relu6(self._bn0(self._conv_stem(x)))
@@ -100,6 +109,6 @@ class EfficientNetLite(nn.Module):
         for i, block in enumerate(self._blocks):
             x = block(x)
             if i in self.taps:
-                pooled.append(x.mean((2, 3)))
-        x = F.relu6(self._bn1(self._conv_head(x)))
-        return torch.cat([*pooled, x.mean((2, 3))], 1) if pooled else x.mean((2, 3))
+                pooled += self._pool(x)
+        pooled += self._pool(F.relu6(self._bn1(self._conv_head(x))))
+        return torch.cat(pooled, 1) if len(pooled) > 1 else pooled[0]

@@ -1,0 +1,110 @@
+"""train.py's argument parser and YAML config merge (a config sets any option; the command line wins)."""
+
+from __future__ import annotations
+
+import argparse
+from pathlib import Path
+from typing import Any
+
+from core.errors import UserError
+from core.models import list_models
+from core.models.classifier import HEADS
+from core.spec import COLOR_MODES, CROP_MODES, INTERPOLATIONS
+from core.transforms import AUGMENTATIONS
+from training.engine import OPTIMIZERS, SCHEDULES
+
+MODES = ("scratch", "finetune", "transfer")
+# Per-mode defaults: transfer trains a head on cached features (cheap epochs); finetune moves all weights.
+MODE_DEFAULTS = {"transfer": {"epochs": 40, "lr": 1e-3}, "finetune": {"epochs": 12, "lr": 1e-3},
+                 "scratch": {"epochs": 30, "lr": 2e-3}}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Train an image classifier (scratch / finetune / transfer).",
+                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p.add_argument("--config", type=Path, help="YAML file setting any option below (flags override it)")
+    g = p.add_argument_group("data")
+    g.add_argument("--data", default="elpv",
+                   help="ImageFolder path (train/ val/ [test/] or class folders) or elpv|digits|mnist|"
+                        "fashionmnist|cifar10|flowers102")
+    g.add_argument("--elpv-task", choices=("4class", "binary"), default="4class")
+    g.add_argument("--val-split", type=float, default=0.15, help="fraction held out for validation")
+    g.add_argument("--data-dir", type=Path, default=Path("artifacts/data"), help="download folder (torchvision)")
+    g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--pin-memory", action="store_true")
+    g = p.add_argument_group("model")
+    g.add_argument("--model", default="efficientnet_lite0", help=f"one of: {', '.join(list_models())}")
+    g.add_argument("--mode", choices=MODES, default="transfer")
+    g.add_argument("--weights", help="pretrained weights: 'imagenet' (Lite0, offline), a torchvision enum "
+                                     "name (DEFAULT, IMAGENET1K_V1) or a .pth file; default per model")
+    g.add_argument("--head", choices=HEADS, default="linear")
+    g.add_argument("--hidden", type=int, default=256, help="MLP head width")
+    g.add_argument("--dropout", type=float, help="head dropout (default per model)")
+    g.add_argument("--taps", default="auto", help="EfficientNet-Lite: extra feature blocks, e.g. '4,7,10,14', "
+                                                   "'none', or auto (multi-scale in transfer mode)")
+    g.add_argument("--pool", choices=("auto", "mean", "meanmax"), default="auto")
+    g = p.add_argument_group("preprocessing (recorded in the model spec)")
+    g.add_argument("--image-size", type=int, help="network input side (default per model/data)")
+    g.add_argument("--resize-size", type=int, help="shorter side before center crop (default size/0.875)")
+    g.add_argument("--crop", choices=CROP_MODES, help="default: squash for square built-in data, else center")
+    g.add_argument("--interpolation", choices=INTERPOLATIONS, default="bilinear")
+    g.add_argument("--color", choices=COLOR_MODES, help="default: rgb, or gray3/gray for grayscale data")
+    g.add_argument("--augment", choices=AUGMENTATIONS, default="none")
+    g = p.add_argument_group("optimisation")
+    g.add_argument("--epochs", type=int, help="default per mode")
+    g.add_argument("--batch-size", type=int, default=32)
+    g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
+    g.add_argument("--lr", type=float, help="head learning rate (default per mode)")
+    g.add_argument("--backbone-lr-scale", type=float, default=0.1, help="finetune: backbone lr = lr * this")
+    g.add_argument("--weight-decay", type=float, default=0.05)
+    g.add_argument("--schedule", choices=SCHEDULES, default="cosine")
+    g.add_argument("--warmup-epochs", type=float, default=1.0)
+    g.add_argument("--step-size", type=int, default=10, help="step schedule: epochs per decay")
+    g.add_argument("--gamma", type=float, default=0.1, help="step schedule: decay factor")
+    g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument("--patience", type=int, default=0, help="early stopping after N epochs without val gain")
+    g = p.add_argument_group("run")
+    g.add_argument("--name", help="run folder name under artifacts/runs (default: time-mode-model-data)")
+    g.add_argument("--resume", nargs="?", const="latest", help="continue a run: its folder (default latest)")
+    g.add_argument("--seed", type=int, default=0)
+    g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
+    g.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
+    g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="CUDA mixed precision")
+    g.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
+    g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument("--no-feature-cache", action="store_true", help="transfer: run the backbone every epoch")
+    g.add_argument("--no-progress", action="store_true")
+    return p
+
+
+def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = get_args_parser()
+    pre, _ = parser.parse_known_args(argv)
+    if pre.config:
+        parser.set_defaults(**load_config(pre.config, parser))
+    args = parser.parse_args(argv)
+    for k, v in MODE_DEFAULTS[args.mode].items():
+        if getattr(args, k) is None:
+            setattr(args, k, v)
+    if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
+        raise UserError("--epochs and --batch-size must be >= 1 and --lr > 0")
+    return args
+
+
+def load_config(path: Path, parser: argparse.ArgumentParser) -> dict[str, Any]:
+    import yaml
+
+    if not path.is_file():
+        raise UserError(f"config file {path} does not exist")
+    try:
+        cfg = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as e:
+        raise UserError(f"config file {path} is not valid YAML ({str(e).splitlines()[0]})") from None
+    if not isinstance(cfg, dict):
+        raise UserError(f"config file {path} must be a mapping of option: value")
+    cfg = {str(k).replace("-", "_"): v for k, v in cfg.items()}
+    known = {a.dest for a in parser._actions}
+    unknown = sorted(set(cfg) - known)
+    if unknown:
+        raise UserError(f"config file {path}: unknown options {unknown}")
+    return cfg

@@ -1,0 +1,155 @@
+"""The loop: optimizer/scheduler factories, train_one_epoch, predict, metrics. No CLI, no file I/O."""
+
+from __future__ import annotations
+
+import math
+import time
+from contextlib import nullcontext
+from dataclasses import dataclass
+from typing import Any
+
+import numpy as np
+import torch
+from torch import nn
+from tqdm import tqdm
+
+OPTIMIZERS = ("sgd", "adam", "adamw")
+SCHEDULES = ("cosine", "step", "constant")
+
+
+def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
+                   backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+    """Param groups: no weight decay on norms/biases; the backbone at lr * backbone_lr_scale (finetune)."""
+    groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
+    for n, p in model.named_parameters():
+        if p.requires_grad:
+            groups.setdefault((n.startswith("backbone."), p.ndim <= 1), []).append(p)
+    params = [{"params": ps, "weight_decay": 0.0 if no_decay else weight_decay,
+               "lr": lr * (backbone_lr_scale if is_backbone else 1.0)}
+              for (is_backbone, no_decay), ps in sorted(groups.items())]
+    if not params:
+        raise ValueError("no trainable parameters")
+    if name == "sgd":
+        return torch.optim.SGD(params, lr=lr, momentum=0.9, nesterov=True)
+    if name == "adam":
+        return torch.optim.Adam(params, lr=lr)
+    return torch.optim.AdamW(params, lr=lr)
+
+
+def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int, steps_per_epoch: int,
+                   warmup_epochs: float = 0.0, step_size: int = 10, gamma: float = 0.1):
+    """Per-iteration LambdaLR: linear warm-up, then cosine to 0, step decay, or constant."""
+    total = max(1, epochs * steps_per_epoch)
+    warm = int(warmup_epochs * steps_per_epoch)
+
+    def factor(step: int) -> float:
+        if step < warm:
+            return (step + 1) / warm
+        if kind == "cosine":
+            return 0.5 * (1 + math.cos(math.pi * min(1.0, (step - warm) / max(1, total - warm))))
+        if kind == "step":
+            return gamma ** (step // max(1, step_size * steps_per_epoch))
+        return 1.0
+
+    return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
+
+
+@dataclass
+class EpochStats:
+    loss: float
+    acc: float
+    seen: int
+    skipped: int
+    seconds: float
+
+
+def _autocast(device: torch.device, amp: str | None):
+    if amp and device.type == "cuda":
+        return torch.autocast("cuda", dtype=torch.bfloat16 if amp == "bf16" else torch.float16)
+    return nullcontext()
+
+
+def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, criterion, device: torch.device,
+                    desc: str = "train", amp: str | None = None, scaler=None, channels_last: bool = False,
+                    progress: bool = True, clip_grad: float | None = None) -> EpochStats:
+    model.train()
+    t0, total_loss, correct, seen, skipped = time.perf_counter(), 0.0, 0, 0, 0
+    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    for x, y, n_skipped in bar:
+        skipped += n_skipped
+        if len(y) == 0:
+            continue
+        x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            logits = model(x)
+            loss = criterion(logits, y)
+        optimizer.zero_grad(set_to_none=True)
+        if scaler is not None:
+            scaler.scale(loss).backward()
+            scaler.unscale_(optimizer)
+        else:
+            loss.backward()
+        if clip_grad:
+            nn.utils.clip_grad_norm_(model.parameters(), clip_grad)
+        if scaler is not None:
+            scaler.step(optimizer)
+            scaler.update()
+        else:
+            optimizer.step()
+        scheduler.step()
+        total_loss += loss.item() * len(y)
+        correct += (logits.argmax(1) == y).sum().item()
+        seen += len(y)
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+    return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), seen, skipped, time.perf_counter() - t0)
+
+
+@torch.no_grad()
+def predict(model: nn.Module, loader, device: torch.device, amp: str | None = None,
+            channels_last: bool = False, progress: bool = False, desc: str = "eval"):
+    """(logits float32 [N, C], labels int64 [N], skipped count) over a loader of (x, y, skipped)."""
+    model.eval()
+    logits, labels, skipped = [], [], 0
+    for x, y, n_skipped in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+        skipped += n_skipped
+        if len(y) == 0:
+            continue
+        x = x.to(device, non_blocking=True)
+        if channels_last and x.ndim == 4:
+            x = x.contiguous(memory_format=torch.channels_last)
+        with _autocast(device, amp):
+            logits.append(model(x).float().cpu())
+        labels.append(y)
+    if not logits:
+        return np.zeros((0, 0), np.float32), np.zeros(0, np.int64), skipped
+    return torch.cat(logits).numpy(), torch.cat(labels).numpy(), skipped
+
+
+def classification_metrics(logits: np.ndarray, labels: np.ndarray, class_names: list[str]) -> dict[str, Any]:
+    n_cls = len(class_names)
+    pred = logits.argmax(1)
+    cm = np.zeros((n_cls, n_cls), dtype=np.int64)
+    np.add.at(cm, (labels, pred), 1)
+    support = cm.sum(1)
+    per_class = {c: (float(cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(class_names)}
+    out: dict[str, Any] = {"n": int(len(labels)), "accuracy": float((pred == labels).mean()) if len(labels) else 0.0,
+                           "per_class_accuracy": per_class, "confusion_matrix": cm.tolist()}
+    if n_cls >= 5:
+        top5 = np.argsort(-logits, 1)[:, :5]
+        out["top5_accuracy"] = float((top5 == labels[:, None]).any(1).mean())
+    valid = [v for v in per_class.values() if v is not None]
+    out["balanced_accuracy"] = float(np.mean(valid)) if valid else 0.0
+    return out
+
+
+def seed_everything(seed: int, deterministic: bool = False) -> None:
+    import random
+
+    random.seed(seed)
+    np.random.seed(seed % 2**32)
+    torch.manual_seed(seed)
+    if deterministic:
+        torch.use_deterministic_algorithms(True, warn_only=True)
+        torch.backends.cudnn.benchmark = False
