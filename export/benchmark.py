@@ -1,0 +1,144 @@
+"""Per-format benchmark: size, held-out top-1, batch-1 latency (p50/p95), batch-32 throughput, peak memory.
+
+    python export/benchmark.py [--checkpoint RUN/best.pt] [--threads 2]
+
+Every format gets the same preprocessed arrays and thread count; latency is measured after warm-up as
+the median and 95th percentile of many runs. Writes benchmark.md, benchmark.json and benchmark.png.
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.errors import UserError, run_cli
+from export.common import data_for, default_checkpoint, load_source_model
+from export.validate import ARTIFACTS, cycled_logits, existing_artifacts, runner, torch_runner
+from training.runs import write_json
+
+
+def _rss_mb() -> float:
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    except OSError:
+        pass
+    return float("nan")
+
+
+def time_format(run, x: np.ndarray, runs: int, batch: int = 32) -> dict[str, float]:
+    one = np.ascontiguousarray(x[:1])
+    for _ in range(5):
+        run(one)
+    lat = []
+    for _ in range(runs):
+        t = time.perf_counter()
+        run(one)
+        lat.append(1e3 * (time.perf_counter() - t))
+    xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
+    run(xb)
+    tp = []
+    for _ in range(3):
+        t = time.perf_counter()
+        run(xb)
+        tp.append(time.perf_counter() - t)
+    return {"p50_ms": float(np.median(lat)), "p95_ms": float(np.percentile(lat, 95)),
+            "img_per_s": batch / float(np.median(tp))}
+
+
+def benchmark(model: torch.nn.Module, ckpt_path: Path, paths: dict[str, Path], x: np.ndarray, y: np.ndarray,
+              threads: int, runs: int) -> list[dict]:
+    torch.set_num_threads(threads)
+    rows = []
+    formats = {"pytorch": (ckpt_path, lambda: torch_runner(model.eval())),
+               **{k: (p, (lambda p=p: runner(p, threads))) for k, p in paths.items()}}
+    for name, (path, make) in formats.items():
+        before = _rss_mb()
+        run = make()
+        logits = cycled_logits(run, x, (32,))
+        truth = np.where(y >= 0, y, logits.argmax(1))
+        row = {"format": name, "file": path.name, "size_mb": path.stat().st_size / 2**20,
+               "accuracy": float(100 * (logits.argmax(1) == truth).mean()), **time_format(run, x, runs),
+               "rss_growth_mb": _rss_mb() - before, "threads": threads}
+        rows.append(row)
+        print(f"  {name:<19} {row['p50_ms']:8.2f} ms p50  {row['img_per_s']:8.1f} img/s", flush=True)
+    return rows
+
+
+def table(rows: list[dict]) -> str:
+    base = next((r for r in rows if r["format"] == "onnx_fp32"), rows[0])
+    lines = ["| format | file | size MB | held-out top-1 | p50 ms (b1) | p95 ms (b1) | img/s (b32) | "
+             "vs ORT fp32 | RSS growth MB |", "|---|---|---|---|---|---|---|---|---|"]
+    for r in rows:
+        lines.append(f"| {r['format']} | {r['file']} | {r['size_mb']:.2f} | {r['accuracy']:.2f} % | {r['p50_ms']:.2f} | "
+                     f"{r['p95_ms']:.2f} | {r['img_per_s']:.1f} | {r['img_per_s'] / base['img_per_s']:.2f}x | "
+                     f"{r['rss_growth_mb']:.0f} |")
+    return "\n".join(lines)
+
+
+def plot(rows: list[dict], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(6, 4))
+    for r in rows:
+        ax.scatter(r["p50_ms"], r["accuracy"], s=30 + 8 * r["size_mb"])
+        ax.annotate(r["format"], (r["p50_ms"], r["accuracy"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
+    ax.set(xscale="log", xlabel="batch-1 latency p50 (ms, log)", ylabel="held-out top-1 (%)",
+           title="accuracy vs latency (marker size ~ file size)")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path, dpi=110)
+    plt.close(fig)
+
+
+def write_outputs(rows: list[dict], out: Path, device: str) -> str:
+    md = f"# Benchmark\n\n{device}\n\n{table(rows)}\n"
+    (out / "benchmark.md").write_text(md)
+    write_json(out / "benchmark.json", {"device": device, "rows": rows})
+    plot(rows, out / "benchmark.png")
+    return md
+
+
+def device_line(threads: int) -> str:
+    import os
+    import platform
+
+    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    return f"CPU: {cpu}, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}"
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Benchmark every exported format of a model.")
+    p.add_argument("--checkpoint", help="checkpoint or run folder (default artifacts/runs/latest/best.pt)")
+    p.add_argument("--export-dir", type=Path, help="folder with the exports (default <run>/export)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--runs", type=int, default=50, help="timed batch-1 runs per format")
+    p.add_argument("--max-images", type=int, default=300, help="held-out images for accuracy (0 = all)")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    path = default_checkpoint(args.checkpoint)
+    model, ck = load_source_model(path)
+    d = args.export_dir or path.parent / "export"
+    paths = existing_artifacts(d)
+    if not paths:
+        raise UserError(f"no exported models in {d} (expected {', '.join(ARTIFACTS.values())})")
+    _, held, _ = data_for(ck, 0, args.max_images)
+    rows = benchmark(model, path, paths, held.x, held.y, args.threads, args.runs)
+    print(write_outputs(rows, d, device_line(args.threads)))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

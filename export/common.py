@@ -1,0 +1,134 @@
+"""What every export step needs: the source model (checkpoint, or the pretrained ImageNet Lite0 when no run
+exists), the output folder, and real images preprocessed exactly by the spec (calibration and held-out)."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.checkpoint import Checkpoint, load_model, save_checkpoint
+from core.errors import UserError
+from core.images import ImageError
+from core.models import arch_kwargs_for_spec, create_model
+from core.preprocess import preprocess
+from core.spec import ModelSpec
+from training.data import Split, load_item, load_source
+from training.runs import ARTIFACTS, RUNS
+
+IMAGENET_DIR = ARTIFACTS / "cache" / "imagenet-lite0"
+
+
+def imagenet_lite0_checkpoint() -> Path:
+    """The offline pretrained EfficientNet-Lite0 ImageNet classifier as a checkpoint of our own format."""
+    path = IMAGENET_DIR / "best.pt"
+    if not path.is_file():
+        from torchvision.models import ResNet18_Weights  # ships the 1000 ImageNet category names offline
+
+        spec = ModelSpec("efficientnet_lite0", tuple(ResNet18_Weights.DEFAULT.meta["categories"]), 224, 256,
+                         "center", "bilinear", (0.5,) * 3, (0.5,) * 3, "rgb",
+                         arch_kwargs_for_spec("linear", None, 256, taps=[], pool="mean"))
+        model = create_model("efficientnet_lite0", 1000, weights="imagenet", **spec.arch_kwargs)
+        save_checkpoint(Checkpoint(spec, model.state_dict(), {"note": "ImageNet-1k pretrained, not fine-tuned"},
+                                   {"data": "imagenet-samples"}), path)
+    return path
+
+
+def default_checkpoint(arg: str | None) -> Path:
+    """--checkpoint, else runs/latest/best.pt, else the pretrained ImageNet Lite0 (fresh machine)."""
+    if arg:
+        p = Path(arg)
+        p = p / "best.pt" if p.is_dir() else p
+        if not p.is_file():
+            raise UserError(f"checkpoint {p} does not exist")
+        return p
+    latest = RUNS / "latest" / "best.pt"
+    if latest.is_file():
+        return latest
+    print("no training run found: exporting the pretrained ImageNet EfficientNet-Lite0 classifier")
+    return imagenet_lite0_checkpoint()
+
+
+def output_dir(ckpt_path: Path, out: str | None) -> Path:
+    d = Path(out) if out else ckpt_path.parent / "export"
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+        probe = d / f".write-test-{os.getpid()}"
+        probe.write_bytes(b"")
+        probe.unlink()
+    except OSError as e:
+        raise UserError(f"cannot write to output folder {d} ({e.strerror}); pass a writable --out") from None
+    return d
+
+
+@dataclass
+class Images:
+    x: np.ndarray  # float32 [N, C, S, S], preprocessed by the spec
+    y: np.ndarray  # int64 labels; -1 where there is no ground truth (ImageNet sample images)
+
+
+def _load(split: Split, spec: ModelSpec, idx: list[int]) -> Images:
+    xs, ys = [], []
+    for i in idx:
+        try:
+            xs.append(preprocess(load_item(split.items[i]), spec))
+            ys.append(split.labels[i])
+        except ImageError:
+            continue
+    if not xs:
+        raise UserError("no readable images for calibration/validation")
+    return Images(np.stack(xs), np.asarray(ys, np.int64))
+
+
+def _balanced_subset(labels: list[int], n: int, seed: int = 0) -> list[int]:
+    """Up to n indices, round-robin over classes so every class is covered."""
+    rng = np.random.default_rng(seed)
+    by_class = [list(rng.permutation(np.flatnonzero(np.asarray(labels) == c))) for c in sorted(set(labels))]
+    out: list[int] = []
+    while len(out) < min(n, len(labels)):
+        for lst in by_class:
+            if lst and len(out) < n:
+                out.append(int(lst.pop()))
+    return sorted(out)
+
+
+def sample_images(spec: ModelSpec, n: int) -> Images:
+    """For the ImageNet model: random crops and flips of scikit-learn's sample photos (no labels)."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+
+    rng = np.random.default_rng(0)
+    photos = [Image.fromarray(a) for a in load_sample_images().images]
+    xs = []
+    for k in range(n):
+        im = photos[k % len(photos)]
+        w, h = im.size
+        s = int(rng.integers(min(w, h) // 4, min(w, h)))
+        left, top = int(rng.integers(0, w - s + 1)), int(rng.integers(0, h - s + 1))
+        crop = im.crop((left, top, left + s, top + s))
+        xs.append(preprocess(crop.transpose(Image.Transpose.FLIP_LEFT_RIGHT) if k % 2 else crop, spec))
+    return Images(np.stack(xs), np.full(n, -1, np.int64))
+
+
+def data_for(ckpt: Checkpoint, calib_n: int, heldout_n: int) -> tuple[Images | None, Images, str]:
+    """(calibration images from train, held-out images from test/val, description)."""
+    a = ckpt.args
+    if a.get("data") == "imagenet-samples":
+        return sample_images(ckpt.spec, calib_n) if calib_n > 0 else None, sample_images(ckpt.spec, heldout_n + 7)[-heldout_n:], \
+            "random crops of scikit-learn sample photos (no labels: agreement with PyTorch only)"
+    src = load_source(a.get("data", "elpv"), a.get("val_split", 0.15), a.get("elpv_task", "4class"),
+                      Path(a.get("data_dir", "artifacts/data")))
+    if list(src.class_names) != list(ckpt.spec.class_names):
+        raise UserError("the checkpoint's dataset no longer has the same classes; cannot validate on it")
+    name, held = src.eval_split
+    held_idx = list(range(len(held))) if heldout_n <= 0 or heldout_n >= len(held) else \
+        _balanced_subset(held.labels, heldout_n)
+    calib = _load(src.train, ckpt.spec, _balanced_subset(src.train.labels, calib_n)) if calib_n > 0 else None
+    return calib, _load(held, ckpt.spec, held_idx), f"{src.name} {name} split ({len(held_idx)} of {len(held)} images)"
+
+
+def load_source_model(path: Path) -> tuple[torch.nn.Module, Checkpoint]:
+    return load_model(path)

@@ -1,0 +1,128 @@
+"""ONNX export, checking, simplification (re-verified), spec metadata, the .ort mobile format."""
+
+from __future__ import annotations
+
+import json
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+import onnx
+import torch
+from torch import nn
+
+from core.errors import UserError
+from core.spec import ModelSpec
+from export.runtime import SPEC_KEY, make_session
+
+DEFAULT_OPSET = 17  # the TorchScript exporter's best-tested opset; ORT quantization fully supports it
+
+
+class EmbeddedPreprocessing(nn.Module):
+    """uint8 NHWC input (already resized/cropped to image_size; C = 1 for gray specs, else 3) -> logits.
+
+    The normalisation moves into the graph: what a phone app wants, as it hands over camera bytes.
+    """
+
+    def __init__(self, model: nn.Module, spec: ModelSpec) -> None:
+        super().__init__()
+        self.model = model
+        c = 1 if spec.color in ("gray", "gray3") else 3
+        self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1) * 255.0)
+        self.register_buffer("inv_std", 1.0 / (torch.tensor(spec.std).view(1, -1, 1, 1) * 255.0))
+        self.replicate = spec.color == "gray3"
+        self.in_c = c
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        x = x.permute(0, 3, 1, 2).float()
+        if self.replicate:
+            x = x.expand(-1, 3, -1, -1)
+        return self.model((x - self.mean) * self.inv_std)
+
+
+def export_onnx(model: nn.Module, spec: ModelSpec, path: Path, opset: int = DEFAULT_OPSET,
+                dynamic_size: bool = False, uint8_input: bool = False, dynamo: bool = False) -> Path:
+    model = model.eval()
+    if uint8_input:
+        model = EmbeddedPreprocessing(model, spec).eval()
+        x = torch.zeros(1, spec.image_size, spec.image_size, 1 if spec.color != "rgb" else 3, dtype=torch.uint8)
+        axes = {0: "batch", 1: "height", 2: "width"} if dynamic_size else {0: "batch"}
+    else:
+        x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
+        axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")
+            torch.onnx.export(model, (x,), str(tmp), input_names=["input"], output_names=["logits"],
+                              dynamic_axes={"input": axes, "logits": {0: "batch"}}, opset_version=opset,
+                              dynamo=dynamo, external_data=False, do_constant_folding=True)
+    except Exception as e:  # noqa: BLE001 - exporter errors have many types; report the op when there is one
+        tmp.unlink(missing_ok=True)
+        msg = str(e).splitlines()[0][:160]
+        hint = f"; try --opset {min(opset + 2, 20)}" if "opset" in msg.lower() or "operator" in msg.lower() else ""
+        raise UserError(f"ONNX export failed at opset {opset}: {msg}{hint}") from None
+    onnx.checker.check_model(str(tmp), full_check=True)
+    os.replace(tmp, path)
+    return path
+
+
+def set_metadata(path: Path, spec: ModelSpec, extra: dict[str, object]) -> None:
+    m = onnx.load(str(path))
+    props = {SPEC_KEY: spec.to_json(), **{k: json.dumps(v, default=str) for k, v in extra.items()}}
+    del m.metadata_props[:]
+    for k, v in props.items():
+        m.metadata_props.add(key=k, value=v)
+    m.producer_name = "deployable-classifier"
+    save_atomic(m, path)
+
+
+def save_atomic(model: onnx.ModelProto, path: Path) -> None:
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        onnx.save(model, str(tmp))
+        os.replace(tmp, path)
+    except OSError as e:
+        tmp.unlink(missing_ok=True)
+        raise UserError(f"cannot write {path} ({e.strerror})") from None
+
+
+def run_onnx(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+    sess = make_session(path, threads)
+    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+
+
+def simplify(path: Path, out: Path, probe: np.ndarray, atol: float = 1e-5) -> dict[str, object]:
+    """onnxsim, then prove it changed nothing: same outputs, dynamic batch still works at 1, 3 and 8."""
+    import onnxsim
+
+    model, ok = onnxsim.simplify(onnx.load(str(path)))
+    if not ok:
+        raise UserError("onnxsim could not validate the simplified model; rerun with --no-simplify")
+    save_atomic(model, out)
+    report: dict[str, object] = {"batches": {}}
+    for b in (1, 3, 8):
+        x = np.resize(probe, (b, *probe.shape[1:])).astype(probe.dtype)
+        ref, got = run_onnx(path, x), run_onnx(out, x)
+        diff = float(np.abs(ref - got).max())
+        report["batches"][str(b)] = {"shape": list(got.shape), "max_abs_diff": diff}
+        if got.shape[0] != b or diff > atol:
+            out.unlink(missing_ok=True)
+            raise UserError(f"simplified model differs at batch {b} (shape {got.shape}, max diff {diff:.2e});"
+                            " kept the unsimplified model; rerun with --no-simplify")
+    report["nodes_before"] = len(onnx.load(str(path)).graph.node)
+    report["nodes_after"] = len(model.graph.node)
+    return report
+
+
+def to_ort_format(path: Path, out: Path) -> Path:
+    """ONNX Runtime's mobile format (what the onnxruntime-mobile packages load)."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # portable across devices
+    so.optimized_model_filepath = str(out)
+    so.add_session_config_entry("session.save_model_format", "ORT")
+    ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
+    return out

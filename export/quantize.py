@@ -1,0 +1,241 @@
+"""Static INT8 quantization with ONNX Runtime under an accuracy budget.
+
+    python export/quantize.py --onnx RUN/export/model.onnx [--search full] [--max-drop 1.0]
+
+A search over configurations (QDQ/QOperator, U8/S8 activations, per-channel, MinMax/Percentile/Entropy,
+reduce_range) measures each candidate's held-out accuracy, agreement with fp32 and throughput, and keeps
+the fastest one inside the budget. If none fits, the nodes whose quantization hurts most are excluded and
+the search retries; if still none fits, no INT8 model is written and the exit code is non-zero.
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import tempfile
+import time
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import numpy as np
+from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
+                                      quantize_static)
+from onnxruntime.quantization.shape_inference import quant_pre_process
+
+from core.errors import UserError, run_cli
+from export.onnx_io import run_onnx
+from export.runtime import make_session
+
+
+@dataclass(frozen=True)
+class QConfig:
+    fmt: str = "QDQ"
+    activations: str = "U8"
+    per_channel: bool = True
+    calibration: str = "MinMax"
+    reduce_range: bool = False
+
+    @property
+    def name(self) -> str:
+        return (f"{self.fmt}-{self.activations}S8-{'pc' if self.per_channel else 'pt'}-{self.calibration}"
+                + ("-rr" if self.reduce_range else ""))
+
+
+FAST_SEARCH = (QConfig(), QConfig(calibration="Percentile"), QConfig(fmt="QOperator"), QConfig(activations="S8"))
+FULL_SEARCH = (*FAST_SEARCH, QConfig(per_channel=False), QConfig(calibration="Entropy"),
+               QConfig(reduce_range=True), QConfig(fmt="QOperator", calibration="Percentile"))
+
+
+@dataclass
+class Budget:
+    max_drop: float = 1.0  # top-1 points vs fp32
+    min_agreement: float = 98.0  # % top-1 agreement with fp32
+    max_class_drop: float = 5.0  # points, any single class
+
+
+class _Reader(CalibrationDataReader):
+    def __init__(self, x: np.ndarray, name: str, batch: int = 16) -> None:
+        self.batches = iter([{name: x[i:i + batch]} for i in range(0, len(x), batch)])
+
+    def get_next(self):
+        return next(self.batches, None)
+
+
+def quantize_one(src: Path, out: Path, calib: np.ndarray, cfg: QConfig, exclude: list[str] | None = None) -> Path:
+    name = make_session(src).get_inputs()[0].name
+    quantize_static(str(src), str(out), _Reader(calib, name), quant_format=getattr(QuantFormat, cfg.fmt),
+                    activation_type=QuantType.QUInt8 if cfg.activations == "U8" else QuantType.QInt8,
+                    weight_type=QuantType.QInt8, per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
+                    calibrate_method=getattr(CalibrationMethod, cfg.calibration), nodes_to_exclude=exclude or [],
+                    extra_options={"ActivationSymmetric": cfg.activations == "S8"})
+    return out
+
+
+def compare(ref_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy (vs labels where known, else vs fp32), agreement, and the worst per-class drop."""
+    ref_pred, pred = ref_logits.argmax(1), logits.argmax(1)
+    truth = np.where(labels >= 0, labels, ref_pred)
+    acc_ref, acc = 100 * (ref_pred == truth).mean(), 100 * (pred == truth).mean()
+    worst = 0.0
+    for c in np.unique(truth):
+        m = truth == c
+        worst = max(worst, 100 * ((ref_pred[m] == c).mean() - (pred[m] == c).mean()))
+    return {"accuracy": float(acc), "fp32_accuracy": float(acc_ref), "drop": float(acc_ref - acc),
+            "agreement": float(100 * (pred == ref_pred).mean()), "worst_class_drop": float(worst)}
+
+
+def fits(stats: dict[str, float], b: Budget) -> bool:
+    return stats["drop"] <= b.max_drop and stats["agreement"] >= b.min_agreement and \
+        stats["worst_class_drop"] <= b.max_class_drop
+
+
+def throughput(path: Path, x: np.ndarray, threads: int, batch: int = 32, repeats: int = 3) -> float:
+    sess = make_session(path, threads)
+    name = sess.get_inputs()[0].name
+    xb = np.resize(x, (batch, *x.shape[1:])).astype(np.float32)
+    sess.run(None, {name: xb})
+    times = []
+    for _ in range(repeats):
+        t = time.perf_counter()
+        sess.run(None, {name: xb})
+        times.append(time.perf_counter() - t)
+    return batch / float(np.median(times))
+
+
+def sensitive_nodes(src: Path, calib: np.ndarray, cfg: QConfig, top: int = 3) -> list[str]:
+    """Nodes whose outputs drift most under quantization (ORT's QDQ loss debugging)."""
+    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
+                                                         create_activation_matching,
+                                                         modify_model_output_intermediate_tensors)
+
+    with tempfile.TemporaryDirectory() as d:
+        q = quantize_one(src, Path(d) / "q.onnx", calib, QConfig("QDQ", cfg.activations, cfg.per_channel,
+                                                                  cfg.calibration, cfg.reduce_range))
+        name = make_session(src).get_inputs()[0].name
+        small = calib[:16]
+        f_aug, q_aug = Path(d) / "f.onnx", Path(d) / "qa.onnx"
+        modify_model_output_intermediate_tensors(str(src), str(f_aug))
+        modify_model_output_intermediate_tensors(str(q), str(q_aug))
+        fa = collect_activations(str(f_aug), _Reader(small, name))
+        qa = collect_activations(str(q_aug), _Reader(small, name))
+        err = compute_activation_error(create_activation_matching(qa, fa))
+    tensor_err = {k: v.get("xmodel_err", 0.0) for k, v in err.items()}
+    import onnx
+
+    producer = {o: n.name for n in onnx.load(str(src)).graph.node for o in n.output}
+    worst = sorted(tensor_err, key=lambda k: tensor_err[k])  # lowest SQNR = most damage
+    return [producer[t] for t in worst if t in producer][:top]
+
+
+def search(src: Path, out: Path, calib: np.ndarray, held_x: np.ndarray, held_y: np.ndarray, budget: Budget,
+           configs: tuple[QConfig, ...], threads: int, force: bool = False) -> dict:
+    """Try configs, pick the fastest inside the budget; exclude sensitive nodes and retry if none fits."""
+    pre = out.with_name(out.stem + ".pre.onnx")
+    quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
+    ref = run_onnx(src, held_x, threads)
+    fp32_tput = throughput(src, held_x, threads)
+    rows, exclude = [], []
+    with tempfile.TemporaryDirectory() as d:
+        for attempt in range(2):
+            for cfg in configs:
+                cand = Path(d) / f"{cfg.name}-{attempt}.onnx"
+                try:
+                    quantize_one(pre, cand, calib, cfg, exclude)
+                    stats = compare(ref, run_onnx(cand, held_x, threads), held_y)
+                except Exception as e:  # noqa: BLE001 - a config ORT cannot build is a row, not a crash
+                    rows.append({"config": cfg.name, "error": str(e).splitlines()[0][:100], "fits": False})
+                    continue
+                rows.append({"config": cfg.name, **stats, "img_per_s": throughput(cand, held_x, threads),
+                             "size_mb": cand.stat().st_size / 2**20, "excluded": list(exclude),
+                             "fits": fits(stats, budget), "path": str(cand)})
+                print(_row_line(rows[-1]), flush=True)
+            ok = [r for r in rows if r["fits"]]
+            if ok or attempt == 1:
+                break
+            best = max((r for r in rows if "error" not in r), key=lambda r: r["agreement"], default=None)
+            cfg = next((c for c in configs if best and c.name == best["config"]), configs[0])
+            exclude = sensitive_nodes(pre, calib, cfg)
+            print(f"no configuration fits the budget; retrying without quantizing {exclude}")
+        ok = [r for r in rows if r["fits"]]
+        chosen = max(ok, key=lambda r: r["img_per_s"]) if ok else None
+        if chosen is None and force:
+            chosen = max((r for r in rows if "error" not in r), key=lambda r: r["agreement"])
+            print(f"WARNING: --force: writing {chosen['config']} although it is OUTSIDE the accuracy budget")
+        if chosen:
+            os.replace(chosen["path"], out)
+    pre.unlink(missing_ok=True)
+    for r in rows:
+        r.pop("path", None)
+    return {"budget": asdict(budget), "fp32_img_per_s": fp32_tput, "candidates": rows,
+            "chosen": chosen["config"] if chosen else None, "forced": bool(chosen and not chosen["fits"])}
+
+
+def _row_line(r: dict) -> str:
+    return (f"  {r['config']:<34} acc {r['accuracy']:6.2f}  drop {r['drop']:+5.2f}  agree {r['agreement']:6.2f}"
+            f"  worst-class {r['worst_class_drop']:5.2f}  {r['img_per_s']:7.1f} img/s  {r['size_mb']:5.2f} MB"
+            f"  {'fits' if r['fits'] else 'outside budget'}")
+
+
+def search_table(report: dict) -> str:
+    lines = ["| config | accuracy | drop (pt) | agreement | worst class drop | img/s (b32) | size MB | fits |",
+             "|---|---|---|---|---|---|---|---|"]
+    for r in report["candidates"]:
+        if "error" in r:
+            lines.append(f"| {r['config']} | error: {r['error']} | | | | | | no |")
+            continue
+        mark = " **chosen**" if r["config"] == report["chosen"] and r["excluded"] == report["candidates"][-1].get(
+            "excluded", r["excluded"]) else ""
+        lines.append(f"| {r['config']}{mark} | {r['accuracy']:.2f} | {r['drop']:+.2f} | {r['agreement']:.2f} | "
+                     f"{r['worst_class_drop']:.2f} | {r['img_per_s']:.1f} | {r['size_mb']:.2f} | "
+                     f"{'yes' if r['fits'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def add_budget_args(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--max-drop", type=float, default=1.0, help="INT8 budget: top-1 drop vs fp32 (points)")
+    p.add_argument("--min-agreement", type=float, default=98.0, help="INT8 budget: %% top-1 agreement")
+    p.add_argument("--max-class-drop", type=float, default=5.0, help="INT8 budget: worst class drop (points)")
+    p.add_argument("--search", choices=("fast", "full"), default="fast", help="configurations to try")
+    p.add_argument("--force", action="store_true", help="write the best INT8 model even outside the budget")
+    p.add_argument("--calib-images", type=int, default=256, help="training images for calibration (>= 200)")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="INT8 quantization of an exported ONNX model under a budget.")
+    p.add_argument("--onnx", required=True, help="fp32 ONNX model written by export/to_onnx.py")
+    p.add_argument("--checkpoint", help="its checkpoint (default: the run folder above the ONNX file)")
+    p.add_argument("--out", help="INT8 model path (default: beside the input, model.int8.onnx)")
+    p.add_argument("--max-images", type=int, default=300, help="held-out images for the budget (0 = all)")
+    p.add_argument("--threads", type=int, default=2)
+    add_budget_args(p)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    from core.checkpoint import load_checkpoint
+    from export.common import data_for
+
+    args = get_args_parser().parse_args(argv)
+    src = Path(args.onnx)
+    ck = load_checkpoint(args.checkpoint or src.parent.parent / "best.pt")
+    calib, held, _ = data_for(ck, args.calib_images, args.max_images)
+    out = Path(args.out) if args.out else src.with_name(src.stem + ".int8.onnx")
+    report = run_search(src, out, calib.x, held, args)
+    return 0 if report["chosen"] else 3
+
+
+def run_search(src: Path, out: Path, calib: np.ndarray, held, args: argparse.Namespace) -> dict:
+    budget = Budget(args.max_drop, args.min_agreement, args.max_class_drop)
+    print(f"INT8 search ({args.search}) on {len(held.y)} held-out images, budget: drop <= {budget.max_drop} pt, "
+          f"agreement >= {budget.min_agreement} %, class drop <= {budget.max_class_drop} pt")
+    report = search(src, out, calib, held.x, held.y, budget, FULL_SEARCH if args.search == "full" else FAST_SEARCH,
+                    args.threads, args.force)
+    print(search_table(report))
+    if not report["chosen"]:
+        print(f"error: no INT8 configuration keeps accuracy inside the budget; {out.name} was NOT written "
+              "(loosen the budget or pass --force to write the closest one anyway)")
+    return report
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,114 @@
+"""One-shot export: ONNX fp32 -> simplify (re-verified) -> INT8 under a budget -> .ort -> TorchScript ->
+validation on real held-out images -> benchmark. Everything lands in <run>/export/.
+
+    python export/to_onnx.py                           # artifacts/runs/latest/best.pt (or pretrained Lite0)
+    python export/to_onnx.py --checkpoint RUN/best.pt --embed-preprocessing --search full
+    python export/to_onnx.py --no-int8 --no-benchmark   # flags skip steps
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import shutil
+import time
+from pathlib import Path
+
+from core.checkpoint import file_sha256
+from core.errors import run_cli
+from export import onnx_io, quantize, validate
+from export.benchmark import benchmark, device_line, write_outputs
+from export.common import data_for, default_checkpoint, load_source_model, output_dir
+from export.to_torchscript import export_torchscript
+from training.runs import write_json
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--checkpoint", help="checkpoint or run folder (default artifacts/runs/latest/best.pt)")
+    p.add_argument("--out", help="output folder (default <run>/export)")
+    p.add_argument("--opset", type=int, default=onnx_io.DEFAULT_OPSET)
+    p.add_argument("--dynamo", action="store_true", help="use torch.export-based exporter (default: TorchScript)")
+    p.add_argument("--dynamic-size", action="store_true", help="dynamic height/width too (default: batch only)")
+    p.add_argument("--embed-preprocessing", action="store_true",
+                   help="also write model.uint8.onnx: uint8 NHWC input, normalisation inside the graph")
+    p.add_argument("--max-images", type=int, default=300, help="held-out images for validation (0 = all)")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads for every runtime")
+    for flag in ("simplify", "int8", "ort", "torchscript", "validate", "benchmark"):
+        p.add_argument(f"--no-{flag}", action="store_true", help=f"skip the {flag} step")
+    quantize.add_budget_args(p)
+    return p
+
+
+def export_fp32(model, ck, ck_path: Path, out: Path, args, probe) -> tuple[Path, dict]:
+    raw = onnx_io.export_onnx(model, ck.spec, out / "model.raw.onnx", args.opset, args.dynamic_size,
+                              dynamo=args.dynamo)
+    meta = {"source_checkpoint": ck_path.name, "source_sha256": file_sha256(ck_path), "metrics": ck.metrics,
+            "input": f"float32 NCHW [batch, {ck.spec.in_channels}, {ck.spec.image_size}, {ck.spec.image_size}]",
+            "opset": args.opset}
+    final = out / "model.onnx"
+    info: dict = {}
+    if args.no_simplify:
+        shutil.copyfile(raw, final)
+    else:
+        info = onnx_io.simplify(raw, final, probe)
+        print(f"simplified {info['nodes_before']} -> {info['nodes_after']} nodes; batch 1/3/8 re-checked")
+    onnx_io.set_metadata(final, ck.spec, {**meta, "precision": "fp32"})
+    raw.unlink()
+    if args.embed_preprocessing:
+        u8 = onnx_io.export_onnx(model, ck.spec, out / "model.uint8.onnx", args.opset, args.dynamic_size, True,
+                                 args.dynamo)
+        onnx_io.set_metadata(u8, ck.spec, {**meta, "precision": "fp32", "input": "uint8 NHWC [batch, S, S, C], "
+                                           "C = 1 for gray specs else 3, already resized/cropped to S"})
+    return final, {"meta": meta, "simplify": info}
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    t0 = time.perf_counter()
+    ck_path = default_checkpoint(args.checkpoint)
+    model, ck = load_source_model(ck_path)
+    out = output_dir(ck_path, args.out)
+    calib, held, desc = data_for(ck, 0 if args.no_int8 else args.calib_images, args.max_images)
+    print(f"exporting {ck_path} -> {out}/  (held-out: {desc})")
+    fp32, info = export_fp32(model, ck, ck_path, out, args, held.x[:1])
+    summary = {"fp32": fp32.name, **info}
+    chosen = fp32
+    if not args.no_int8:
+        int8 = out / "model.int8.onnx"
+        int8.unlink(missing_ok=True)  # never leave a stale INT8 model beside a new fp32 one
+        qrep = quantize.run_search(fp32, int8, calib.x, held, args)
+        write_json(out / "quantization.json", qrep)
+        (out / "quantization.md").write_text(quantize.search_table(qrep) + "\n")
+        if not qrep["chosen"]:
+            return 3
+        onnx_io.set_metadata(int8, ck.spec, {**info["meta"], "precision": "int8", "quant_config": qrep["chosen"]})
+        chosen, summary["int8"] = int8, qrep["chosen"]
+    if not args.no_ort:
+        for stale in ("model.ort", "model.int8.ort"):
+            (out / stale).unlink(missing_ok=True)
+        onnx_io.to_ort_format(chosen, out / chosen.name.replace(".onnx", ".ort"))
+    if not args.no_torchscript:
+        export_torchscript(model, ck, out)
+    paths = validate.existing_artifacts(out)
+    ok = True
+    if not args.no_validate:
+        print("validation against the PyTorch checkpoint:")
+        rep = validate.validate(model, held, paths, quantize.Budget(args.max_drop, args.min_agreement,
+                                                                     args.max_class_drop), args.threads, desc)
+        validate.write_report(rep, out)
+        ok = rep["passed"]
+    if not args.no_benchmark:
+        print("benchmark:")
+        rows = benchmark(model, ck_path, paths, held.x, held.y, args.threads, 30)
+        print(write_outputs(rows, out, device_line(args.threads)))
+    write_json(out / "export.json", {**summary, "seconds": round(time.perf_counter() - t0, 1)})
+    for p in sorted(out.iterdir()):
+        if p.is_file() and not p.name.startswith("."):
+            print(f"  {p.name:<22} {p.stat().st_size / 2**20:8.2f} MB")
+    print(f"export {'passed' if ok else 'FAILED validation'} in {time.perf_counter() - t0:.0f} s -> {out}")
+    return 0 if ok else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))

@@ -1,0 +1,151 @@
+"""Prove each exported artifact is the trained model, on real held-out images.
+
+    python export/validate.py [--checkpoint RUN/best.pt] [--export-dir RUN/export]
+
+Every artifact runs the same preprocessed arrays as the PyTorch checkpoint, with batch sizes cycling
+1, 7, 32 through the set. fp32 gates: |Δlogit| <= 1e-4 + 1e-4·|logit| everywhere and 100 % top-1
+agreement. INT8 gates: the accuracy budget of export/quantize.py. Writes report.json and report.md;
+exits 1 if any gate fails.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from core.errors import UserError, run_cli
+from export.common import Images, data_for, default_checkpoint, load_source_model
+from export.quantize import Budget, compare, fits
+from export.runtime import make_session
+from training.runs import write_json
+
+ATOL, RTOL = 1e-4, 1e-4
+BATCH_CYCLE = (1, 7, 32)
+ARTIFACTS = {"onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx", "ort_fp32": "model.ort",
+             "ort_int8": "model.int8.ort", "torchscript": "model.pt", "torchscript_mobile": "model.ptl"}
+INT8 = {"onnx_int8", "ort_int8"}
+
+
+def runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
+    if path.suffix in (".onnx", ".ort"):
+        sess = make_session(path, threads)
+        name = sess.get_inputs()[0].name
+        return lambda x: sess.run(None, {name: x})[0]
+    from export.to_torchscript import load_torchscript
+
+    module, _ = load_torchscript(path)
+    return torch_runner(module)
+
+
+def torch_runner(module: Callable) -> Callable[[np.ndarray], np.ndarray]:
+    @torch.no_grad()
+    def run(x: np.ndarray) -> np.ndarray:
+        return module(torch.from_numpy(x)).float().numpy()
+
+    return run
+
+
+def cycled_logits(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, sizes=BATCH_CYCLE) -> np.ndarray:
+    out, i, k = [], 0, 0
+    while i < len(x):
+        b = sizes[k % len(sizes)]
+        out.append(run(np.ascontiguousarray(x[i:i + b])))
+        i, k = i + b, k + 1
+    return np.concatenate(out)
+
+
+def check_artifact(name: str, logits: np.ndarray, ref: np.ndarray, y: np.ndarray, budget: Budget) -> dict:
+    diff = np.abs(logits - ref)
+    stats = compare(ref, logits, y)
+    row = {"artifact": name, "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), **stats,
+           "per_class_delta": per_class_delta(ref, logits, y)}
+    if name in INT8:
+        row["gate"] = "int8 budget"
+        row["passed"] = fits(stats, budget)
+    else:
+        row["gate"] = f"|d| <= {ATOL:g} + {RTOL:g}*|logit|, 100 % agreement"
+        row["passed"] = bool(np.all(diff <= ATOL + RTOL * np.abs(ref))) and stats["agreement"] == 100.0
+    return row
+
+
+def per_class_delta(ref: np.ndarray, logits: np.ndarray, y: np.ndarray) -> dict[str, float]:
+    truth = np.where(y >= 0, y, ref.argmax(1))
+    out = {}
+    for c in np.unique(truth):
+        m = truth == c
+        out[str(int(c))] = float(100 * ((logits[m].argmax(1) == c).mean() - (ref[m].argmax(1) == c).mean()))
+    return out
+
+
+def validate(model: torch.nn.Module, held: Images, paths: dict[str, Path], budget: Budget, threads: int,
+             description: str) -> dict:
+    ref = cycled_logits(torch_runner(model.eval()), held.x, (32,))
+    rows = []
+    for name, path in paths.items():
+        logits = cycled_logits(runner(path, threads), held.x)
+        rows.append({**check_artifact(name, logits, ref, held.y, budget), "file": path.name,
+                     "size_mb": path.stat().st_size / 2**20})
+        r = rows[-1]
+        print(f"  {name:<19} max|d| {r['max_abs_diff']:.2e}  agree {r['agreement']:6.2f} %  acc {r['accuracy']:6.2f} %"
+              f"  {'PASS' if r['passed'] else 'FAIL'}", flush=True)
+    return {"images": description, "n": int(len(held.y)), "batch_sizes": list(BATCH_CYCLE),
+            "pytorch_accuracy": rows[0]["fp32_accuracy"] if rows else None, "artifacts": rows,
+            "passed": all(r["passed"] for r in rows)}
+
+
+def report_markdown(rep: dict) -> str:
+    lines = [f"# Export validation\n\nImages: {rep['images']} (n = {rep['n']}), batch sizes cycling "
+             f"{rep['batch_sizes']}. PyTorch accuracy: {rep['pytorch_accuracy']:.2f} %.\n",
+             "| artifact | file | size MB | max abs Δlogit | top-1 agreement | accuracy | Δ acc | gate | result |",
+             "|---|---|---|---|---|---|---|---|---|"]
+    for r in rep["artifacts"]:
+        lines.append(f"| {r['artifact']} | {r['file']} | {r['size_mb']:.2f} | {r['max_abs_diff']:.2e} | "
+                     f"{r['agreement']:.2f} % | {r['accuracy']:.2f} % | {-r['drop']:+.2f} | {r['gate']} | "
+                     f"{'PASS' if r['passed'] else 'FAIL'} |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(rep: dict, out: Path) -> None:
+    write_json(out / "report.json", rep)
+    (out / "report.md").write_text(report_markdown(rep))
+
+
+def existing_artifacts(d: Path) -> dict[str, Path]:
+    return {k: d / f for k, f in ARTIFACTS.items() if (d / f).is_file()}
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Validate exported artifacts against the PyTorch checkpoint.")
+    p.add_argument("--checkpoint", help="checkpoint or run folder (default artifacts/runs/latest/best.pt)")
+    p.add_argument("--export-dir", type=Path, help="folder with model.onnx etc. (default <run>/export)")
+    p.add_argument("--max-images", type=int, default=300, help="held-out images (0 = all)")
+    p.add_argument("--threads", type=int, default=2)
+    p.add_argument("--max-drop", type=float, default=1.0)
+    p.add_argument("--min-agreement", type=float, default=98.0)
+    p.add_argument("--max-class-drop", type=float, default=5.0)
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    path = default_checkpoint(args.checkpoint)
+    model, ck = load_source_model(path)
+    d = args.export_dir or path.parent / "export"
+    paths = existing_artifacts(d)
+    if not paths:
+        raise UserError(f"no exported models in {d}; run export/to_onnx.py first")
+    _, held, desc = data_for(ck, 0, args.max_images)
+    rep = validate(model, held, paths, Budget(args.max_drop, args.min_agreement, args.max_class_drop),
+                   args.threads, desc)
+    write_report(rep, d)
+    print(json.dumps({"passed": rep["passed"]}), f"-> {d}/report.md")
+    return 0 if rep["passed"] else 1
+
+
+if __name__ == "__main__":
+    raise SystemExit(run_cli(main))
