@@ -60,12 +60,14 @@ def _open(source: str | os.PathLike | bytes, limits: ImageLimits) -> Image.Image
         raise ImageError(f"{name}: file is {size / 2**20:.1f} MB, over the {limits.max_bytes / 2**20:.0f} MB limit")
     try:
         with warnings.catch_warnings():
-            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap is stricter
             im = Image.open(fp, formats=ALLOWED_FORMATS)
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not a supported image (allowed: {', '.join(ALLOWED_FORMATS)})") from None
-    except (*DECODE_ERRORS, Image.DecompressionBombWarning) as e:
-        raise ImageError(f"{name}: unreadable image header ({type(e).__name__})") from None
+    except Image.DecompressionBombError:
+        raise ImageError(f"{name}: declares over {limits.max_pixels / 1e6:.0f} MP, over the pixel limit") from None
+    except DECODE_ERRORS as e:
+        raise ImageError(f"{name}: not a supported image or unreadable header ({type(e).__name__})") from None
     w, h = im.size
     if w < 1 or h < 1:
         raise ImageError(f"{name}: image has zero size")

@@ -36,12 +36,15 @@ def _item_key(item: object) -> str:
     return f"{type(ds).__name__}:{getattr(ds, 'root', '')}:{i}"
 
 
+CACHE_VERSION = 2  # bump when backbone code changes what features come out
+
+
 def cache_key(spec: ModelSpec, weights: str | None, split: Split) -> str:
     pre = spec.to_dict()
     for k in ("class_names", "arch_kwargs"):
         pre.pop(k)
     bb = {k: v for k, v in spec.arch_kwargs.items() if k not in ("head", "dropout", "hidden")}
-    h = hashlib.sha256(json.dumps([pre, bb, weights], sort_keys=True, default=str).encode())
+    h = hashlib.sha256(json.dumps([CACHE_VERSION, pre, bb, weights], sort_keys=True, default=str).encode())
     for it in split.items:
         h.update(_item_key(it).encode())
     return h.hexdigest()[:24]

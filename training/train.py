@@ -201,7 +201,7 @@ def finish(args, batches: Batches, spec: ModelSpec, run: Path, result: dict, sec
     logits, labels, skipped = predict(batches.trainee, batches.loader(split_name, split, train=False), batches.device)
     m = classification_metrics(logits, labels, list(spec.class_names))
     params = sum(p.numel() for p in batches.model.parameters())
-    metrics = {"eval_split": split_name, **m, "skipped": skipped, "best_epoch": result["best"]["epoch"],
+    metrics = {"eval_split": split_name, **m, "skipped": skipped, "unreadable_files": batches.source.skipped, "best_epoch": result["best"]["epoch"],
                "val_accuracy": result["best"]["val_acc"], "training_seconds": round(seconds, 1), "params": params,
                "size_mb": round((run / "best.pt").stat().st_size / 2**20, 2), "dataset": batches.source.name,
                "train_images": len(batches.source.train), "val_images": len(batches.source.val)}

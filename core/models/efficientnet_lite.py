@@ -41,8 +41,10 @@ class SameConv2d(nn.Conv2d):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         ih, iw = x.shape[-2:]
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        ph = max((-(-ih // sh) - 1) * sh + kh - ih, 0)
-        pw = max((-(-iw // sw) - 1) * sw + kw - iw, 0)
+        # ceil division written with non-negative operands: ONNX's integer Div truncates, so the
+        # usual -(-a // b) idiom exports wrongly for odd sizes (caught by the export parity gate)
+        ph = max(((ih + sh - 1) // sh - 1) * sh + kh - ih, 0)
+        pw = max(((iw + sw - 1) // sw - 1) * sw + kw - iw, 0)
         if ph or pw:
             x = F.pad(x, [pw // 2, pw - pw // 2, ph // 2, ph - ph // 2])
         return super().forward(x)

@@ -1,0 +1,77 @@
+import pytest
+import torch
+
+from core.errors import UserError
+from core.models import create_model, get_entry, list_models, model_from_spec
+from core.spec import ModelSpec
+
+HEAVY = {"vgg16", "vgg16_bn", "wide_resnet50_2", "resnext50_32x4d", "resnet50", "densenet121", "inception_v3"}
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_forward_backward_every_registered_model(name):
+    entry = get_entry(name)
+    size = max(entry.min_size, 32)
+    model = create_model(name, 5, 3, size)
+    x = torch.randn(2, 3, size, size)
+    out = model(x)
+    assert out.shape == (2, 5)
+    if name not in HEAVY:  # backward on the big ones costs seconds each; their forward still runs
+        out.logsumexp(1).mean().backward()
+        assert model.head.fc.weight.grad is not None
+
+
+@pytest.mark.parametrize("name", ["cnn_small", "resnet18", "efficientnet_lite0"])
+def test_single_channel_input(name):
+    assert create_model(name, 3, 1, 32).eval()(torch.randn(1, 1, 32, 32)).shape == (1, 3)
+
+
+def test_unknown_model_lists_names_and_suggests():
+    with pytest.raises(UserError, match=r"did you mean resnet18\?.*choose from"):
+        get_entry("resnet19")
+
+
+def test_input_below_minimum_is_refused():
+    with pytest.raises(UserError, match="at least 75x75"):
+        create_model("inception_v3", 3, 3, 32)
+
+
+def test_spec_rebuild_gives_same_architecture():
+    spec = ModelSpec("efficientnet_lite0", ("a", "b"), 32, 32, "squash",
+                     arch_kwargs={"head": "mlp", "dropout": 0.3, "hidden": 16, "taps": [2, 4], "pool": "meanmax"})
+    a = model_from_spec(spec)
+    b = model_from_spec(spec)
+    b.load_state_dict(a.state_dict())
+    x = torch.randn(1, 3, 32, 32)
+    assert torch.equal(a.eval()(x), b.eval()(x))
+
+
+def test_pretrained_lite0_recognises_sample_images():
+    """ImageNet weights from the offline package are loaded right: china.jpg -> palace, flower.jpg -> daisy."""
+    from PIL import Image
+    from sklearn.datasets import load_sample_images
+    from torchvision.models import ResNet18_Weights
+
+    from core.preprocess import preprocess
+
+    cats = ResNet18_Weights.DEFAULT.meta["categories"]
+    spec = ModelSpec("efficientnet_lite0", tuple(cats), 224, 256, mean=(0.5,) * 3, std=(0.5,) * 3)
+    model = create_model("efficientnet_lite0", 1000, weights="imagenet").eval()
+    images = dict(zip([f.rsplit("/", 1)[-1] for f in load_sample_images().filenames], load_sample_images().images,
+                      strict=True))
+    with torch.no_grad():
+        for file, label in (("china.jpg", "palace"), ("flower.jpg", "daisy")):
+            x = torch.from_numpy(preprocess(Image.fromarray(images[file]), spec))[None]
+            assert cats[int(model(x).argmax())] == label
+
+
+def test_transfer_freezes_backbone_and_bn_stats():
+    model = create_model("cnn_small", 3, 3, 32)
+    model.freeze_backbone()
+    model.train()
+    bn = next(m for m in model.backbone.modules() if isinstance(m, torch.nn.BatchNorm2d))
+    before = bn.running_mean.clone()
+    model(torch.randn(4, 3, 32, 32) * 5 + 3)
+    assert torch.equal(before, bn.running_mean) and not bn.training
+    assert all(not p.requires_grad for p in model.backbone.parameters())
+    assert all(p.requires_grad for p in model.head.parameters())
