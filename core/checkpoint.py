@@ -32,8 +32,10 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
         return torch.load(p, map_location="cpu", weights_only=True)
     except pickle.UnpicklingError as e:
         if "Weights only load failed" in str(e) and ("global" in str(e) or "GLOBAL" in str(e)):
-            raise UserError(f"{p}: refused, its pickle needs code outside plain tensors/containers "
-                            "(unsafe to load); re-save it as a state dict from a trusted session") from None
+            raise UserError(
+                f"{p}: refused, its pickle needs code outside plain tensors/containers "
+                "(unsafe to load); re-save it as a state dict from a trusted session"
+            ) from None
         raise UserError(f"{p}: not a PyTorch checkpoint ({str(e).splitlines()[0][:80]})") from None
     except (RuntimeError, EOFError, OSError, ValueError, zipfile.BadZipFile, KeyError) as e:
         raise UserError(f"{p}: unreadable checkpoint, truncated or not a PyTorch file ({type(e).__name__})") from None
@@ -68,8 +70,13 @@ class Checkpoint:
     path: Path | None = None
 
     def payload(self) -> dict[str, Any]:
-        return {"format_version": FORMAT_VERSION, "spec": self.spec.to_dict(),
-                "state_dict": strip_compile_prefix(self.state_dict), "metrics": self.metrics, "args": self.args}
+        return {
+            "format_version": FORMAT_VERSION,
+            "spec": self.spec.to_dict(),
+            "state_dict": strip_compile_prefix(self.state_dict),
+            "metrics": self.metrics,
+            "args": self.args,
+        }
 
 
 def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
@@ -79,12 +86,19 @@ def save_checkpoint(ckpt: Checkpoint, path: str | os.PathLike) -> None:
 def load_checkpoint(path: str | os.PathLike) -> Checkpoint:
     obj = safe_torch_load(path)
     if not isinstance(obj, dict) or "spec" not in obj or "state_dict" not in obj:
-        raise UserError(f"{path}: a torch file but not a checkpoint of this project (no model spec); "
-                        "pass a best.pt/last.pt written by training/train.py")
+        raise UserError(
+            f"{path}: a torch file but not a checkpoint of this project (no model spec); "
+            "pass a best.pt/last.pt written by training/train.py"
+        )
     if int(obj.get("format_version", 0)) > FORMAT_VERSION:
         raise UserError(f"{path}: checkpoint format {obj['format_version']} is newer than this code; upgrade")
-    return Checkpoint(ModelSpec.from_dict(obj["spec"]), obj["state_dict"], obj.get("metrics") or {},
-                      obj.get("args") or {}, Path(path))
+    return Checkpoint(
+        ModelSpec.from_dict(obj["spec"]),
+        obj["state_dict"],
+        obj.get("metrics") or {},
+        obj.get("args") or {},
+        Path(path),
+    )
 
 
 def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, Checkpoint]:
@@ -96,8 +110,9 @@ def load_model(path: str | os.PathLike) -> tuple[torch.nn.Module, Checkpoint]:
     try:
         model.load_state_dict(ckpt.state_dict)
     except RuntimeError as e:
-        raise UserError(f"{path}: weights do not match the spec's architecture "
-                        f"({str(e).splitlines()[0][:120]})") from None
+        raise UserError(
+            f"{path}: weights do not match the spec's architecture ({str(e).splitlines()[0][:120]})"
+        ) from None
     return model.eval(), ckpt
 
 

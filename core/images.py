@@ -7,6 +7,7 @@ pixel buffer is allocated.
 
 from __future__ import annotations
 
+import contextlib
 import io
 import os
 import struct
@@ -23,8 +24,19 @@ from core.errors import UserError
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "MPO")
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Decoders raise more than UnidentifiedImageError on hostile input (Pillow docs and field notes).
-DECODE_ERRORS = (OSError, ValueError, IndexError, SyntaxError, EOFError, struct.error, zlib.error,
-                 Image.DecompressionBombError, MemoryError, TypeError, KeyError)
+DECODE_ERRORS = (
+    OSError,
+    ValueError,
+    IndexError,
+    SyntaxError,
+    EOFError,
+    struct.error,
+    zlib.error,
+    Image.DecompressionBombError,
+    MemoryError,
+    TypeError,
+    KeyError,
+)
 
 
 class ImageError(UserError):
@@ -88,7 +100,7 @@ def _to_rgb_or_l(im: Image.Image) -> Image.Image:
         return im.convert("L")
     if mode.startswith("I;16") or mode in ("I", "F"):
         a = np.asarray(im, dtype=np.float64)
-        if mode.startswith("I;16") or mode == "I" and a.max(initial=0) > 255:
+        if mode.startswith("I;16") or (mode == "I" and a.max(initial=0) > 255):
             a = a / 257.0  # 16-bit range -> 8-bit range: scale, do not clip (Pillow #2574)
         elif mode == "F" and a.max(initial=0) <= 1.0:
             a = a * 255.0
@@ -105,8 +117,9 @@ def _to_rgb_or_l(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, ...
 
 
-def load_image(source: str | os.PathLike | bytes | np.ndarray | Image.Image,
-               limits: ImageLimits = DEFAULT_LIMITS) -> Image.Image:
+def load_image(
+    source: str | os.PathLike | bytes | np.ndarray | Image.Image, limits: ImageLimits = DEFAULT_LIMITS
+) -> Image.Image:
     """Decode `source` into an upright RGB or L image, or raise ImageError (one line)."""
     if isinstance(source, Image.Image):
         return _to_rgb_or_l(ImageOps.exif_transpose(source) or source)
@@ -119,10 +132,8 @@ def load_image(source: str | os.PathLike | bytes | np.ndarray | Image.Image,
         im.load()  # ImageFile.LOAD_TRUNCATED_IMAGES stays False: a truncated file is an error
     except DECODE_ERRORS as e:
         raise ImageError(f"{name}: corrupt or truncated image data ({type(e).__name__})") from None
-    try:
+    with contextlib.suppress(*DECODE_ERRORS):  # malformed EXIF: keep the stored orientation
         im = ImageOps.exif_transpose(im) or im
-    except DECODE_ERRORS:
-        pass  # malformed EXIF: keep the stored orientation rather than reject the picture
     try:
         return _to_rgb_or_l(im)
     except DECODE_ERRORS as e:
@@ -132,7 +143,7 @@ def load_image(source: str | os.PathLike | bytes | np.ndarray | Image.Image,
 def _array_to_image(a: np.ndarray) -> Image.Image:
     if a.ndim == 3 and a.shape[2] == 1:
         a = a[:, :, 0]
-    if a.ndim not in (2, 3) or a.ndim == 3 and a.shape[2] not in (3, 4):
+    if a.ndim not in (2, 3) or (a.ndim == 3 and a.shape[2] not in (3, 4)):
         raise ImageError(f"array of shape {a.shape} is not an HxW or HxWx3/4 image")
     if a.dtype != np.uint8:
         if np.issubdtype(a.dtype, np.floating) and a.max(initial=0) <= 1.0:

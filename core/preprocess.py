@@ -12,8 +12,11 @@ from PIL import Image
 
 from core.spec import ModelSpec
 
-_PIL_INTERP = {"bilinear": Image.Resampling.BILINEAR, "bicubic": Image.Resampling.BICUBIC,
-               "nearest": Image.Resampling.NEAREST}
+_PIL_INTERP = {
+    "bilinear": Image.Resampling.BILINEAR,
+    "bicubic": Image.Resampling.BICUBIC,
+    "nearest": Image.Resampling.NEAREST,
+}
 
 
 def to_color(im: Image.Image, spec: ModelSpec) -> Image.Image:
@@ -37,8 +40,8 @@ def resize_crop(im: Image.Image, spec: ModelSpec) -> Image.Image:
     new_w, new_h = (new_short, new_long) if w <= h else (new_long, new_short)
     if (new_w, new_h) != (w, h):
         im = im.resize((new_w, new_h), interp)
-    top = int(round((new_h - s) / 2.0))
-    left = int(round((new_w - s) / 2.0))
+    top = round((new_h - s) / 2.0)  # torchvision CenterCrop rounding
+    left = round((new_w - s) / 2.0)
     return im.crop((left, top, left + s, top + s))
 
 
@@ -61,5 +64,8 @@ def preprocess(im: Image.Image, spec: ModelSpec) -> np.ndarray:
 
 
 def preprocess_batch(images: list[Image.Image], spec: ModelSpec) -> np.ndarray:
-    return np.stack([preprocess(im, spec) for im in images]) if images else np.zeros(
-        (0, spec.in_channels, spec.image_size, spec.image_size), np.float32)
+    return (
+        np.stack([preprocess(im, spec) for im in images])
+        if images
+        else np.zeros((0, spec.in_channels, spec.image_size, spec.image_size), np.float32)
+    )

@@ -52,7 +52,7 @@ class ModelSpec:
             problems.append(f"mean/std need {self.in_channels} values for color {self.color!r}")
         if any(s <= 0 for s in self.std):
             problems.append("std must be positive")
-        if self.image_size < 1 or self.resize_size < self.image_size and self.crop == "center":
+        if self.image_size < 1 or (self.resize_size < self.image_size and self.crop == "center"):
             problems.append("need 1 <= image_size <= resize_size")
         if problems:
             raise UserError("invalid model spec: " + "; ".join(problems))

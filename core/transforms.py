@@ -13,8 +13,11 @@ from core.preprocess import to_color
 from core.spec import ModelSpec
 
 AUGMENTATIONS = ("none", "basic", "strong")
-_INTERP = {"bilinear": InterpolationMode.BILINEAR, "bicubic": InterpolationMode.BICUBIC,
-           "nearest": InterpolationMode.NEAREST}
+_INTERP = {
+    "bilinear": InterpolationMode.BILINEAR,
+    "bicubic": InterpolationMode.BICUBIC,
+    "nearest": InterpolationMode.NEAREST,
+}
 
 
 def _to_tensor(spec: ModelSpec) -> list[Callable]:
@@ -53,12 +56,19 @@ def train_transform(spec: ModelSpec, preset: str) -> Callable[[Image.Image], tor
     if preset == "none":
         return eval_transform(spec)
     if preset == "basic":
-        aug = [T.Resize((s, s), interpolation=interp, antialias=True),
-               T.RandomAffine(0, shear=10, scale=(0.8, 1.2)), T.RandomHorizontalFlip()]
+        aug = [
+            T.Resize((s, s), interpolation=interp, antialias=True),
+            T.RandomAffine(0, shear=10, scale=(0.8, 1.2)),
+            T.RandomHorizontalFlip(),
+        ]
     elif preset == "strong":
-        aug = [T.RandomResizedCrop(s, scale=(0.5, 1.0), interpolation=interp, antialias=True),
-               T.RandomHorizontalFlip(), T.RandomVerticalFlip(), T.RandomRotation(10),
-               T.ColorJitter(brightness=0.3, contrast=0.3)]
+        aug = [
+            T.RandomResizedCrop(s, scale=(0.5, 1.0), interpolation=interp, antialias=True),
+            T.RandomHorizontalFlip(),
+            T.RandomVerticalFlip(),
+            T.RandomRotation(10),
+            T.ColorJitter(brightness=0.3, contrast=0.3),
+        ]
     else:
         raise ValueError(f"unknown augmentation preset {preset!r}; choose from {AUGMENTATIONS}")
     tail = [T.RandomErasing(p=0.25)] if preset == "strong" else []

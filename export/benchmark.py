@@ -47,24 +47,42 @@ def time_format(run, x: np.ndarray, runs: int, batch: int = 32) -> dict[str, flo
         t = time.perf_counter()
         run(xb)
         tp.append(time.perf_counter() - t)
-    return {"p50_ms": float(np.median(lat)), "p95_ms": float(np.percentile(lat, 95)),
-            "img_per_s": batch / float(np.median(tp))}
+    return {
+        "p50_ms": float(np.median(lat)),
+        "p95_ms": float(np.percentile(lat, 95)),
+        "img_per_s": batch / float(np.median(tp)),
+    }
 
 
-def benchmark(model: torch.nn.Module, ckpt_path: Path, paths: dict[str, Path], x: np.ndarray, y: np.ndarray,
-              threads: int, runs: int) -> list[dict]:
+def benchmark(
+    model: torch.nn.Module,
+    ckpt_path: Path,
+    paths: dict[str, Path],
+    x: np.ndarray,
+    y: np.ndarray,
+    threads: int,
+    runs: int,
+) -> list[dict]:
     torch.set_num_threads(threads)
     rows = []
-    formats = {"pytorch": (ckpt_path, lambda: torch_runner(model.eval())),
-               **{k: (p, (lambda p=p: runner(p, threads))) for k, p in paths.items()}}
+    formats = {
+        "pytorch": (ckpt_path, lambda: torch_runner(model.eval())),
+        **{k: (p, (lambda p=p: runner(p, threads))) for k, p in paths.items()},
+    }
     for name, (path, make) in formats.items():
         before = _rss_mb()
         run = make()
         logits = cycled_logits(run, x, (32,))
         truth = np.where(y >= 0, y, logits.argmax(1))
-        row = {"format": name, "file": path.name, "size_mb": path.stat().st_size / 2**20,
-               "accuracy": float(100 * (logits.argmax(1) == truth).mean()), **time_format(run, x, runs),
-               "rss_growth_mb": _rss_mb() - before, "threads": threads}
+        row = {
+            "format": name,
+            "file": path.name,
+            "size_mb": path.stat().st_size / 2**20,
+            "accuracy": float(100 * (logits.argmax(1) == truth).mean()),
+            **time_format(run, x, runs),
+            "rss_growth_mb": _rss_mb() - before,
+            "threads": threads,
+        }
         rows.append(row)
         print(f"  {name:<19} {row['p50_ms']:8.2f} ms p50  {row['img_per_s']:8.1f} img/s", flush=True)
     return rows
@@ -72,12 +90,17 @@ def benchmark(model: torch.nn.Module, ckpt_path: Path, paths: dict[str, Path], x
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["format"] == "onnx_fp32"), rows[0])
-    lines = ["| format | file | size MB | held-out top-1 | p50 ms (b1) | p95 ms (b1) | img/s (b32) | "
-             "vs ORT fp32 | RSS growth MB |", "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| format | file | size MB | held-out top-1 | p50 ms (b1) | p95 ms (b1) | img/s (b32) | "
+        "vs ORT fp32 | RSS growth MB |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rows:
-        lines.append(f"| {r['format']} | {r['file']} | {r['size_mb']:.2f} | {r['accuracy']:.2f} % | {r['p50_ms']:.2f} | "
-                     f"{r['p95_ms']:.2f} | {r['img_per_s']:.1f} | {r['img_per_s'] / base['img_per_s']:.2f}x | "
-                     f"{r['rss_growth_mb']:.0f} |")
+        lines.append(
+            f"| {r['format']} | {r['file']} | {r['size_mb']:.2f} | {r['accuracy']:.2f} % | {r['p50_ms']:.2f} | "
+            f"{r['p95_ms']:.2f} | {r['img_per_s']:.1f} | {r['img_per_s'] / base['img_per_s']:.2f}x | "
+            f"{r['rss_growth_mb']:.0f} |"
+        )
     return "\n".join(lines)
 
 
@@ -91,8 +114,12 @@ def plot(rows: list[dict], path: Path) -> None:
     for r in rows:
         ax.scatter(r["p50_ms"], r["accuracy"], s=30 + 8 * r["size_mb"])
         ax.annotate(r["format"], (r["p50_ms"], r["accuracy"]), fontsize=8, xytext=(4, 4), textcoords="offset points")
-    ax.set(xscale="log", xlabel="batch-1 latency p50 (ms, log)", ylabel="held-out top-1 (%)",
-           title="accuracy vs latency (marker size ~ file size)")
+    ax.set(
+        xscale="log",
+        xlabel="batch-1 latency p50 (ms, log)",
+        ylabel="held-out top-1 (%)",
+        title="accuracy vs latency (marker size ~ file size)",
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path, dpi=110)
@@ -111,8 +138,18 @@ def device_line(threads: int) -> str:
     import os
     import platform
 
-    cpu = next((ln.split(":", 1)[1].strip() for ln in Path("/proc/cpuinfo").read_text().splitlines()
-                if ln.startswith("model name")), platform.processor()) if Path("/proc/cpuinfo").exists() else "?"
+    cpu = (
+        next(
+            (
+                ln.split(":", 1)[1].strip()
+                for ln in Path("/proc/cpuinfo").read_text().splitlines()
+                if ln.startswith("model name")
+            ),
+            platform.processor(),
+        )
+        if Path("/proc/cpuinfo").exists()
+        else "?"
+    )
     return f"CPU: {cpu}, {os.cpu_count()} cores, {threads} threads, torch {torch.__version__}"
 
 

@@ -28,12 +28,28 @@ def imagenet_lite0_checkpoint() -> Path:
     if not path.is_file():
         from torchvision.models import ResNet18_Weights  # ships the 1000 ImageNet category names offline
 
-        spec = ModelSpec("efficientnet_lite0", tuple(ResNet18_Weights.DEFAULT.meta["categories"]), 224, 256,
-                         "center", "bilinear", (0.5,) * 3, (0.5,) * 3, "rgb",
-                         arch_kwargs_for_spec("linear", None, 256, taps=[], pool="mean"))
+        spec = ModelSpec(
+            "efficientnet_lite0",
+            tuple(ResNet18_Weights.DEFAULT.meta["categories"]),
+            224,
+            256,
+            "center",
+            "bilinear",
+            (0.5,) * 3,
+            (0.5,) * 3,
+            "rgb",
+            arch_kwargs_for_spec("linear", None, 256, taps=[], pool="mean"),
+        )
         model = create_model("efficientnet_lite0", 1000, weights="imagenet", **spec.arch_kwargs)
-        save_checkpoint(Checkpoint(spec, model.state_dict(), {"note": "ImageNet-1k pretrained, not fine-tuned"},
-                                   {"data": "imagenet-samples"}), path)
+        save_checkpoint(
+            Checkpoint(
+                spec,
+                model.state_dict(),
+                {"note": "ImageNet-1k pretrained, not fine-tuned"},
+                {"data": "imagenet-samples"},
+            ),
+            path,
+        )
     return path
 
 
@@ -117,17 +133,29 @@ def data_for(ckpt: Checkpoint, calib_n: int, heldout_n: int) -> tuple[Images | N
     """(calibration images from train, held-out images from test/val, description)."""
     a = ckpt.args
     if a.get("data") == "imagenet-samples":
-        return sample_images(ckpt.spec, calib_n) if calib_n > 0 else None, sample_images(ckpt.spec, heldout_n + 7)[-heldout_n:], \
-            "random crops of scikit-learn sample photos (no labels: agreement with PyTorch only)"
-    src = load_source(a.get("data", "elpv"), a.get("val_split", 0.15), a.get("elpv_task", "4class"),
-                      Path(a.get("data_dir", "artifacts/data")))
+        return (
+            sample_images(ckpt.spec, calib_n) if calib_n > 0 else None,
+            sample_images(ckpt.spec, heldout_n + 7)[-heldout_n:],
+            "random crops of scikit-learn sample photos (no labels: agreement with PyTorch only)",
+        )
+    src = load_source(
+        a.get("data", "elpv"),
+        a.get("val_split", 0.15),
+        a.get("elpv_task", "4class"),
+        Path(a.get("data_dir", "artifacts/data")),
+    )
     if list(src.class_names) != list(ckpt.spec.class_names):
         raise UserError("the checkpoint's dataset no longer has the same classes; cannot validate on it")
     name, held = src.eval_split
-    held_idx = list(range(len(held))) if heldout_n <= 0 or heldout_n >= len(held) else \
-        _balanced_subset(held.labels, heldout_n)
+    held_idx = (
+        list(range(len(held))) if heldout_n <= 0 or heldout_n >= len(held) else _balanced_subset(held.labels, heldout_n)
+    )
     calib = _load(src.train, ckpt.spec, _balanced_subset(src.train.labels, calib_n)) if calib_n > 0 else None
-    return calib, _load(held, ckpt.spec, held_idx), f"{src.name} {name} split ({len(held_idx)} of {len(held)} images)"
+    return (
+        calib,
+        _load(held, ckpt.spec, held_idx),
+        f"{src.name} {name} split ({len(held_idx)} of {len(held)} images)",
+    )
 
 
 def load_source_model(path: Path) -> tuple[torch.nn.Module, Checkpoint]:

@@ -41,9 +41,19 @@ class EmbeddedPreprocessing(nn.Module):
         return self.model((x - self.mean) * self.inv_std)
 
 
-def export_onnx(model: nn.Module, spec: ModelSpec, path: Path, opset: int = DEFAULT_OPSET,
-                dynamic_size: bool = False, uint8_input: bool = False, dynamo: bool = False) -> Path:
+def export_onnx(
+    model: nn.Module,
+    spec: ModelSpec,
+    path: Path,
+    opset: int = DEFAULT_OPSET,
+    dynamic_size: bool = False,
+    uint8_input: bool = False,
+    dynamo: bool = False,
+) -> Path:
     model = model.eval()
+    if dynamic_size and spec.arch.startswith("efficientnet_lite"):
+        raise UserError("--dynamic-size is not supported for EfficientNet-Lite: its TF 'same' padding depends on "
+                        "the input size; export at the spec's fixed size instead")
     if uint8_input:
         model = EmbeddedPreprocessing(model, spec).eval()
         x = torch.zeros(1, spec.image_size, spec.image_size, 1 if spec.color != "rgb" else 3, dtype=torch.uint8)
@@ -55,10 +65,19 @@ def export_onnx(model: nn.Module, spec: ModelSpec, path: Path, opset: int = DEFA
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore")
-            torch.onnx.export(model, (x,), str(tmp), input_names=["input"], output_names=["logits"],
-                              dynamic_axes={"input": axes, "logits": {0: "batch"}}, opset_version=opset,
-                              dynamo=dynamo, external_data=False, do_constant_folding=True)
-    except Exception as e:  # noqa: BLE001 - exporter errors have many types; report the op when there is one
+            torch.onnx.export(
+                model,
+                (x,),
+                str(tmp),
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_axes={"input": axes, "logits": {0: "batch"}},
+                opset_version=opset,
+                dynamo=dynamo,
+                external_data=False,
+                do_constant_folding=True,
+            )
+    except Exception as e:
         tmp.unlink(missing_ok=True)
         msg = str(e).splitlines()[0][:160]
         hint = f"; try --opset {min(opset + 2, 20)}" if "opset" in msg.lower() or "operator" in msg.lower() else ""
@@ -109,8 +128,10 @@ def simplify(path: Path, out: Path, probe: np.ndarray, atol: float = 1e-5) -> di
         report["batches"][str(b)] = {"shape": list(got.shape), "max_abs_diff": diff}
         if got.shape[0] != b or diff > atol:
             out.unlink(missing_ok=True)
-            raise UserError(f"simplified model differs at batch {b} (shape {got.shape}, max diff {diff:.2e});"
-                            " kept the unsimplified model; rerun with --no-simplify")
+            raise UserError(
+                f"simplified model differs at batch {b} (shape {got.shape}, max diff {diff:.2e});"
+                " kept the unsimplified model; rerun with --no-simplify"
+            )
     report["nodes_before"] = len(onnx.load(str(path)).graph.node)
     report["nodes_after"] = len(model.graph.node)
     return report

@@ -18,11 +18,16 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from onnxruntime.quantization import (CalibrationDataReader, CalibrationMethod, QuantFormat, QuantType,
-                                      quantize_static)
+from onnxruntime.quantization import (
+    CalibrationDataReader,
+    CalibrationMethod,
+    QuantFormat,
+    QuantType,
+    quantize_static,
+)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
-from core.errors import UserError, run_cli
+from core.errors import run_cli
 from export.onnx_io import run_onnx
 from export.runtime import make_session
 
@@ -37,13 +42,24 @@ class QConfig:
 
     @property
     def name(self) -> str:
-        return (f"{self.fmt}-{self.activations}S8-{'pc' if self.per_channel else 'pt'}-{self.calibration}"
-                + ("-rr" if self.reduce_range else ""))
+        return f"{self.fmt}-{self.activations}S8-{'pc' if self.per_channel else 'pt'}-{self.calibration}" + (
+            "-rr" if self.reduce_range else ""
+        )
 
 
-FAST_SEARCH = (QConfig(), QConfig(calibration="Percentile"), QConfig(fmt="QOperator"), QConfig(activations="S8"))
-FULL_SEARCH = (*FAST_SEARCH, QConfig(per_channel=False), QConfig(calibration="Entropy"),
-               QConfig(reduce_range=True), QConfig(fmt="QOperator", calibration="Percentile"))
+FAST_SEARCH = (
+    QConfig(),
+    QConfig(calibration="Percentile"),
+    QConfig(fmt="QOperator"),
+    QConfig(activations="S8"),
+)
+FULL_SEARCH = (
+    *FAST_SEARCH,
+    QConfig(per_channel=False),
+    QConfig(calibration="Entropy"),
+    QConfig(reduce_range=True),
+    QConfig(fmt="QOperator", calibration="Percentile"),
+)
 
 
 @dataclass
@@ -55,7 +71,7 @@ class Budget:
 
 class _Reader(CalibrationDataReader):
     def __init__(self, x: np.ndarray, name: str, batch: int = 16) -> None:
-        self.batches = iter([{name: x[i:i + batch]} for i in range(0, len(x), batch)])
+        self.batches = iter([{name: x[i : i + batch]} for i in range(0, len(x), batch)])
 
     def get_next(self):
         return next(self.batches, None)
@@ -63,11 +79,19 @@ class _Reader(CalibrationDataReader):
 
 def quantize_one(src: Path, out: Path, calib: np.ndarray, cfg: QConfig, exclude: list[str] | None = None) -> Path:
     name = make_session(src).get_inputs()[0].name
-    quantize_static(str(src), str(out), _Reader(calib, name), quant_format=getattr(QuantFormat, cfg.fmt),
-                    activation_type=QuantType.QUInt8 if cfg.activations == "U8" else QuantType.QInt8,
-                    weight_type=QuantType.QInt8, per_channel=cfg.per_channel, reduce_range=cfg.reduce_range,
-                    calibrate_method=getattr(CalibrationMethod, cfg.calibration), nodes_to_exclude=exclude or [],
-                    extra_options={"ActivationSymmetric": cfg.activations == "S8"})
+    quantize_static(
+        str(src),
+        str(out),
+        _Reader(calib, name),
+        quant_format=getattr(QuantFormat, cfg.fmt),
+        activation_type=QuantType.QUInt8 if cfg.activations == "U8" else QuantType.QInt8,
+        weight_type=QuantType.QInt8,
+        per_channel=cfg.per_channel,
+        reduce_range=cfg.reduce_range,
+        calibrate_method=getattr(CalibrationMethod, cfg.calibration),
+        nodes_to_exclude=exclude or [],
+        extra_options={"ActivationSymmetric": cfg.activations == "S8"},
+    )
     return out
 
 
@@ -80,13 +104,21 @@ def compare(ref_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> d
     for c in np.unique(truth):
         m = truth == c
         worst = max(worst, 100 * ((ref_pred[m] == c).mean() - (pred[m] == c).mean()))
-    return {"accuracy": float(acc), "fp32_accuracy": float(acc_ref), "drop": float(acc_ref - acc),
-            "agreement": float(100 * (pred == ref_pred).mean()), "worst_class_drop": float(worst)}
+    return {
+        "accuracy": float(acc),
+        "fp32_accuracy": float(acc_ref),
+        "drop": float(acc_ref - acc),
+        "agreement": float(100 * (pred == ref_pred).mean()),
+        "worst_class_drop": float(worst),
+    }
 
 
 def fits(stats: dict[str, float], b: Budget) -> bool:
-    return stats["drop"] <= b.max_drop and stats["agreement"] >= b.min_agreement and \
-        stats["worst_class_drop"] <= b.max_class_drop
+    return (
+        stats["drop"] <= b.max_drop
+        and stats["agreement"] >= b.min_agreement
+        and stats["worst_class_drop"] <= b.max_class_drop
+    )
 
 
 def throughput(path: Path, x: np.ndarray, threads: int, batch: int = 32, repeats: int = 3) -> float:
@@ -104,13 +136,20 @@ def throughput(path: Path, x: np.ndarray, threads: int, batch: int = 32, repeats
 
 def sensitive_nodes(src: Path, calib: np.ndarray, cfg: QConfig, top: int = 3) -> list[str]:
     """Nodes whose outputs drift most under quantization (ORT's QDQ loss debugging)."""
-    from onnxruntime.quantization.qdq_loss_debug import (collect_activations, compute_activation_error,
-                                                         create_activation_matching,
-                                                         modify_model_output_intermediate_tensors)
+    from onnxruntime.quantization.qdq_loss_debug import (
+        collect_activations,
+        compute_activation_error,
+        create_activation_matching,
+        modify_model_output_intermediate_tensors,
+    )
 
     with tempfile.TemporaryDirectory() as d:
-        q = quantize_one(src, Path(d) / "q.onnx", calib, QConfig("QDQ", cfg.activations, cfg.per_channel,
-                                                                  cfg.calibration, cfg.reduce_range))
+        q = quantize_one(
+            src,
+            Path(d) / "q.onnx",
+            calib,
+            QConfig("QDQ", cfg.activations, cfg.per_channel, cfg.calibration, cfg.reduce_range),
+        )
         name = make_session(src).get_inputs()[0].name
         small = calib[:16]
         f_aug, q_aug = Path(d) / "f.onnx", Path(d) / "qa.onnx"
@@ -127,8 +166,17 @@ def sensitive_nodes(src: Path, calib: np.ndarray, cfg: QConfig, top: int = 3) ->
     return [producer[t] for t in worst if t in producer][:top]
 
 
-def search(src: Path, out: Path, calib: np.ndarray, held_x: np.ndarray, held_y: np.ndarray, budget: Budget,
-           configs: tuple[QConfig, ...], threads: int, force: bool = False) -> dict:
+def search(
+    src: Path,
+    out: Path,
+    calib: np.ndarray,
+    held_x: np.ndarray,
+    held_y: np.ndarray,
+    budget: Budget,
+    configs: tuple[QConfig, ...],
+    threads: int,
+    force: bool = False,
+) -> dict:
     """Try configs, pick the fastest inside the budget; exclude sensitive nodes and retry if none fits."""
     pre = out.with_name(out.stem + ".pre.onnx")
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
@@ -142,12 +190,20 @@ def search(src: Path, out: Path, calib: np.ndarray, held_x: np.ndarray, held_y: 
                 try:
                     quantize_one(pre, cand, calib, cfg, exclude)
                     stats = compare(ref, run_onnx(cand, held_x, threads), held_y)
-                except Exception as e:  # noqa: BLE001 - a config ORT cannot build is a row, not a crash
+                except Exception as e:
                     rows.append({"config": cfg.name, "error": str(e).splitlines()[0][:100], "fits": False})
                     continue
-                rows.append({"config": cfg.name, **stats, "img_per_s": throughput(cand, held_x, threads),
-                             "size_mb": cand.stat().st_size / 2**20, "excluded": list(exclude),
-                             "fits": fits(stats, budget), "path": str(cand)})
+                rows.append(
+                    {
+                        "config": cfg.name,
+                        **stats,
+                        "img_per_s": throughput(cand, held_x, threads),
+                        "size_mb": cand.stat().st_size / 2**20,
+                        "excluded": list(exclude),
+                        "fits": fits(stats, budget),
+                        "path": str(cand),
+                    }
+                )
                 print(_row_line(rows[-1]), flush=True)
             ok = [r for r in rows if r["fits"]]
             if ok or attempt == 1:
@@ -166,28 +222,43 @@ def search(src: Path, out: Path, calib: np.ndarray, held_x: np.ndarray, held_y: 
     pre.unlink(missing_ok=True)
     for r in rows:
         r.pop("path", None)
-    return {"budget": asdict(budget), "fp32_img_per_s": fp32_tput, "candidates": rows,
-            "chosen": chosen["config"] if chosen else None, "forced": bool(chosen and not chosen["fits"])}
+    return {
+        "budget": asdict(budget),
+        "fp32_img_per_s": fp32_tput,
+        "candidates": rows,
+        "chosen": chosen["config"] if chosen else None,
+        "forced": bool(chosen and not chosen["fits"]),
+    }
 
 
 def _row_line(r: dict) -> str:
-    return (f"  {r['config']:<34} acc {r['accuracy']:6.2f}  drop {r['drop']:+5.2f}  agree {r['agreement']:6.2f}"
-            f"  worst-class {r['worst_class_drop']:5.2f}  {r['img_per_s']:7.1f} img/s  {r['size_mb']:5.2f} MB"
-            f"  {'fits' if r['fits'] else 'outside budget'}")
+    return (
+        f"  {r['config']:<34} acc {r['accuracy']:6.2f}  drop {r['drop']:+5.2f}  agree {r['agreement']:6.2f}"
+        f"  worst-class {r['worst_class_drop']:5.2f}  {r['img_per_s']:7.1f} img/s  {r['size_mb']:5.2f} MB"
+        f"  {'fits' if r['fits'] else 'outside budget'}"
+    )
 
 
 def search_table(report: dict) -> str:
-    lines = ["| config | accuracy | drop (pt) | agreement | worst class drop | img/s (b32) | size MB | fits |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| config | accuracy | drop (pt) | agreement | worst class drop | img/s (b32) | size MB | fits |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for r in report["candidates"]:
         if "error" in r:
             lines.append(f"| {r['config']} | error: {r['error']} | | | | | | no |")
             continue
-        mark = " **chosen**" if r["config"] == report["chosen"] and r["excluded"] == report["candidates"][-1].get(
-            "excluded", r["excluded"]) else ""
-        lines.append(f"| {r['config']}{mark} | {r['accuracy']:.2f} | {r['drop']:+.2f} | {r['agreement']:.2f} | "
-                     f"{r['worst_class_drop']:.2f} | {r['img_per_s']:.1f} | {r['size_mb']:.2f} | "
-                     f"{'yes' if r['fits'] else 'no'} |")
+        mark = (
+            " **chosen**"
+            if r["config"] == report["chosen"]
+            and r["excluded"] == report["candidates"][-1].get("excluded", r["excluded"])
+            else ""
+        )
+        lines.append(
+            f"| {r['config']}{mark} | {r['accuracy']:.2f} | {r['drop']:+.2f} | {r['agreement']:.2f} | "
+            f"{r['worst_class_drop']:.2f} | {r['img_per_s']:.1f} | {r['size_mb']:.2f} | "
+            f"{'yes' if r['fits'] else 'no'} |"
+        )
     return "\n".join(lines)
 
 
@@ -226,14 +297,27 @@ def main(argv: list[str] | None = None) -> int:
 
 def run_search(src: Path, out: Path, calib: np.ndarray, held, args: argparse.Namespace) -> dict:
     budget = Budget(args.max_drop, args.min_agreement, args.max_class_drop)
-    print(f"INT8 search ({args.search}) on {len(held.y)} held-out images, budget: drop <= {budget.max_drop} pt, "
-          f"agreement >= {budget.min_agreement} %, class drop <= {budget.max_class_drop} pt")
-    report = search(src, out, calib, held.x, held.y, budget, FULL_SEARCH if args.search == "full" else FAST_SEARCH,
-                    args.threads, args.force)
+    print(
+        f"INT8 search ({args.search}) on {len(held.y)} held-out images, budget: drop <= {budget.max_drop} pt, "
+        f"agreement >= {budget.min_agreement} %, class drop <= {budget.max_class_drop} pt"
+    )
+    report = search(
+        src,
+        out,
+        calib,
+        held.x,
+        held.y,
+        budget,
+        FULL_SEARCH if args.search == "full" else FAST_SEARCH,
+        args.threads,
+        args.force,
+    )
     print(search_table(report))
     if not report["chosen"]:
-        print(f"error: no INT8 configuration keeps accuracy inside the budget; {out.name} was NOT written "
-              "(loosen the budget or pass --force to write the closest one anyway)")
+        print(
+            f"error: no INT8 configuration keeps accuracy inside the budget; {out.name} was NOT written "
+            "(loosen the budget or pass --force to write the closest one anyway)"
+        )
     return report
 
 

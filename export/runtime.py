@@ -33,7 +33,7 @@ def check_external_data(path: str | os.PathLike) -> None:
     p = Path(path)
     try:
         model = onnx.load(str(p), load_external_data=False)
-    except Exception as e:  # noqa: BLE001 - protobuf raises many types on garbage
+    except Exception as e:
         raise UserError(f"{p}: not a readable ONNX model ({type(e).__name__})") from None
     base = p.parent.resolve()
     for t in _all_tensors(model.graph):
@@ -62,8 +62,10 @@ def read_metadata(session) -> dict[str, str]:
 
 def spec_from_metadata(meta: dict[str, str], path: str | os.PathLike) -> ModelSpec:
     if SPEC_KEY not in meta:
-        raise UserError(f"{path}: ONNX file has no '{SPEC_KEY}' metadata; export it with export/to_onnx.py "
-                        "(or pass the model spec JSON explicitly)")
+        raise UserError(
+            f"{path}: ONNX file has no '{SPEC_KEY}' metadata; export it with export/to_onnx.py "
+            "(or pass the model spec JSON explicitly)"
+        )
     return ModelSpec.from_json(meta[SPEC_KEY])
 
 
@@ -80,13 +82,12 @@ def make_session(path: str | os.PathLike, threads: int | None = None):
     so.inter_op_num_threads = 1
     try:
         return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
-    except Exception as e:  # noqa: BLE001 - ORT raises its own exception types
+    except Exception as e:
         raise UserError(f"{p}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:120]})") from None
 
 
 class OnnxClassifier:
-    def __init__(self, path: str | os.PathLike, threads: int | None = None,
-                 spec: ModelSpec | None = None) -> None:
+    def __init__(self, path: str | os.PathLike, threads: int | None = None, spec: ModelSpec | None = None) -> None:
         self.path = Path(path)
         self.session = make_session(path, threads)
         self.metadata = read_metadata(self.session)
@@ -109,8 +110,10 @@ class OnnxClassifier:
         t1 = time.perf_counter()
         logits = self.logits(x)[0]
         t2 = time.perf_counter()
-        return top_k(logits, self.spec.class_names, topk), {"preprocess_ms": 1e3 * (t1 - t0),
-                                                             "inference_ms": 1e3 * (t2 - t1)}
+        return top_k(logits, self.spec.class_names, topk), {
+            "preprocess_ms": 1e3 * (t1 - t0),
+            "inference_ms": 1e3 * (t2 - t1),
+        }
 
 
 def softmax(logits: np.ndarray) -> np.ndarray:

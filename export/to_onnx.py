@@ -9,7 +9,6 @@ validation on real held-out images -> benchmark. Everything lands in <run>/expor
 from __future__ import annotations
 
 import argparse
-import os
 import shutil
 import time
 from pathlib import Path
@@ -30,8 +29,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--opset", type=int, default=onnx_io.DEFAULT_OPSET)
     p.add_argument("--dynamo", action="store_true", help="use torch.export-based exporter (default: TorchScript)")
     p.add_argument("--dynamic-size", action="store_true", help="dynamic height/width too (default: batch only)")
-    p.add_argument("--embed-preprocessing", action="store_true",
-                   help="also write model.uint8.onnx: uint8 NHWC input, normalisation inside the graph")
+    p.add_argument(
+        "--embed-preprocessing",
+        action="store_true",
+        help="also write model.uint8.onnx: uint8 NHWC input, normalisation inside the graph",
+    )
     p.add_argument("--max-images", type=int, default=300, help="held-out images for validation (0 = all)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every runtime")
     for flag in ("simplify", "int8", "ort", "torchscript", "validate", "benchmark"):
@@ -41,11 +43,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def export_fp32(model, ck, ck_path: Path, out: Path, args, probe) -> tuple[Path, dict]:
-    raw = onnx_io.export_onnx(model, ck.spec, out / "model.raw.onnx", args.opset, args.dynamic_size,
-                              dynamo=args.dynamo)
-    meta = {"source_checkpoint": ck_path.name, "source_sha256": file_sha256(ck_path), "metrics": ck.metrics,
-            "input": f"float32 NCHW [batch, {ck.spec.in_channels}, {ck.spec.image_size}, {ck.spec.image_size}]",
-            "opset": args.opset}
+    raw = onnx_io.export_onnx(model, ck.spec, out / "model.raw.onnx", args.opset, args.dynamic_size, dynamo=args.dynamo)
+    meta = {
+        "source_checkpoint": ck_path.name,
+        "source_sha256": file_sha256(ck_path),
+        "metrics": ck.metrics,
+        "input": f"float32 NCHW [batch, {ck.spec.in_channels}, {ck.spec.image_size}, {ck.spec.image_size}]",
+        "opset": args.opset,
+    }
     final = out / "model.onnx"
     info: dict = {}
     if args.no_simplify:
@@ -56,10 +61,18 @@ def export_fp32(model, ck, ck_path: Path, out: Path, args, probe) -> tuple[Path,
     onnx_io.set_metadata(final, ck.spec, {**meta, "precision": "fp32"})
     raw.unlink()
     if args.embed_preprocessing:
-        u8 = onnx_io.export_onnx(model, ck.spec, out / "model.uint8.onnx", args.opset, args.dynamic_size, True,
-                                 args.dynamo)
-        onnx_io.set_metadata(u8, ck.spec, {**meta, "precision": "fp32", "input": "uint8 NHWC [batch, S, S, C], "
-                                           "C = 1 for gray specs else 3, already resized/cropped to S"})
+        u8 = onnx_io.export_onnx(
+            model, ck.spec, out / "model.uint8.onnx", args.opset, args.dynamic_size, True, args.dynamo
+        )
+        onnx_io.set_metadata(
+            u8,
+            ck.spec,
+            {
+                **meta,
+                "precision": "fp32",
+                "input": "uint8 NHWC [batch, S, S, C], C = 1 for gray specs else 3, already resized/cropped to S",
+            },
+        )
     return final, {"meta": meta, "simplify": info}
 
 
@@ -94,8 +107,14 @@ def main(argv: list[str] | None = None) -> int:
     ok = True
     if not args.no_validate:
         print("validation against the PyTorch checkpoint:")
-        rep = validate.validate(model, held, paths, quantize.Budget(args.max_drop, args.min_agreement,
-                                                                     args.max_class_drop), args.threads, desc)
+        rep = validate.validate(
+            model,
+            held,
+            paths,
+            quantize.Budget(args.max_drop, args.min_agreement, args.max_class_drop),
+            args.threads,
+            desc,
+        )
         validate.write_report(rep, out)
         ok = rep["passed"]
     if not args.no_benchmark:

@@ -47,7 +47,7 @@ def export_torchscript(model: torch.nn.Module, ck: Checkpoint, out: Path) -> dic
             traced = torch.jit.trace(model.eval(), x, check_trace=False)
             frozen = torch.jit.freeze(traced)
             mobile, _ = _mobile(frozen)
-        except Exception as e:  # noqa: BLE001 - tracer errors are varied
+        except Exception as e:
             raise UserError(f"TorchScript export failed: {str(e).splitlines()[0][:160]}") from None
         for key, path in paths.items():
             tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")

@@ -26,8 +26,14 @@ from training.runs import write_json
 
 ATOL, RTOL = 1e-4, 1e-4
 BATCH_CYCLE = (1, 7, 32)
-ARTIFACTS = {"onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx", "ort_fp32": "model.ort",
-             "ort_int8": "model.int8.ort", "torchscript": "model.pt", "torchscript_mobile": "model.ptl"}
+ARTIFACTS = {
+    "onnx_fp32": "model.onnx",
+    "onnx_int8": "model.int8.onnx",
+    "ort_fp32": "model.ort",
+    "ort_int8": "model.int8.ort",
+    "torchscript": "model.pt",
+    "torchscript_mobile": "model.ptl",
+}
 INT8 = {"onnx_int8", "ort_int8"}
 
 
@@ -54,7 +60,7 @@ def cycled_logits(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, sizes=
     out, i, k = [], 0, 0
     while i < len(x):
         b = sizes[k % len(sizes)]
-        out.append(run(np.ascontiguousarray(x[i:i + b])))
+        out.append(run(np.ascontiguousarray(x[i : i + b])))
         i, k = i + b, k + 1
     return np.concatenate(out)
 
@@ -62,8 +68,13 @@ def cycled_logits(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, sizes=
 def check_artifact(name: str, logits: np.ndarray, ref: np.ndarray, y: np.ndarray, budget: Budget) -> dict:
     diff = np.abs(logits - ref)
     stats = compare(ref, logits, y)
-    row = {"artifact": name, "max_abs_diff": float(diff.max()), "mean_abs_diff": float(diff.mean()), **stats,
-           "per_class_delta": per_class_delta(ref, logits, y)}
+    row = {
+        "artifact": name,
+        "max_abs_diff": float(diff.max()),
+        "mean_abs_diff": float(diff.mean()),
+        **stats,
+        "per_class_delta": per_class_delta(ref, logits, y),
+    }
     if name in INT8:
         row["gate"] = "int8 budget"
         row["passed"] = fits(stats, budget)
@@ -82,31 +93,54 @@ def per_class_delta(ref: np.ndarray, logits: np.ndarray, y: np.ndarray) -> dict[
     return out
 
 
-def validate(model: torch.nn.Module, held: Images, paths: dict[str, Path], budget: Budget, threads: int,
-             description: str) -> dict:
+def validate(
+    model: torch.nn.Module,
+    held: Images,
+    paths: dict[str, Path],
+    budget: Budget,
+    threads: int,
+    description: str,
+) -> dict:
     ref = cycled_logits(torch_runner(model.eval()), held.x, (32,))
     rows = []
     for name, path in paths.items():
         logits = cycled_logits(runner(path, threads), held.x)
-        rows.append({**check_artifact(name, logits, ref, held.y, budget), "file": path.name,
-                     "size_mb": path.stat().st_size / 2**20})
+        rows.append(
+            {
+                **check_artifact(name, logits, ref, held.y, budget),
+                "file": path.name,
+                "size_mb": path.stat().st_size / 2**20,
+            }
+        )
         r = rows[-1]
-        print(f"  {name:<19} max|d| {r['max_abs_diff']:.2e}  agree {r['agreement']:6.2f} %  acc {r['accuracy']:6.2f} %"
-              f"  {'PASS' if r['passed'] else 'FAIL'}", flush=True)
-    return {"images": description, "n": int(len(held.y)), "batch_sizes": list(BATCH_CYCLE),
-            "pytorch_accuracy": rows[0]["fp32_accuracy"] if rows else None, "artifacts": rows,
-            "passed": all(r["passed"] for r in rows)}
+        print(
+            f"  {name:<19} max|d| {r['max_abs_diff']:.2e}  agree {r['agreement']:6.2f} %  acc {r['accuracy']:6.2f} %"
+            f"  {'PASS' if r['passed'] else 'FAIL'}",
+            flush=True,
+        )
+    return {
+        "images": description,
+        "n": len(held.y),
+        "batch_sizes": list(BATCH_CYCLE),
+        "pytorch_accuracy": rows[0]["fp32_accuracy"] if rows else None,
+        "artifacts": rows,
+        "passed": all(r["passed"] for r in rows),
+    }
 
 
 def report_markdown(rep: dict) -> str:
-    lines = [f"# Export validation\n\nImages: {rep['images']} (n = {rep['n']}), batch sizes cycling "
-             f"{rep['batch_sizes']}. PyTorch accuracy: {rep['pytorch_accuracy']:.2f} %.\n",
-             "| artifact | file | size MB | max abs Δlogit | top-1 agreement | accuracy | Δ acc | gate | result |",
-             "|---|---|---|---|---|---|---|---|---|"]
+    lines = [
+        f"# Export validation\n\nImages: {rep['images']} (n = {rep['n']}), batch sizes cycling "
+        f"{rep['batch_sizes']}. PyTorch accuracy: {rep['pytorch_accuracy']:.2f} %.\n",
+        "| artifact | file | size MB | max abs Δlogit | top-1 agreement | accuracy | Δ acc | gate | result |",
+        "|---|---|---|---|---|---|---|---|---|",
+    ]
     for r in rep["artifacts"]:
-        lines.append(f"| {r['artifact']} | {r['file']} | {r['size_mb']:.2f} | {r['max_abs_diff']:.2e} | "
-                     f"{r['agreement']:.2f} % | {r['accuracy']:.2f} % | {-r['drop']:+.2f} | {r['gate']} | "
-                     f"{'PASS' if r['passed'] else 'FAIL'} |")
+        lines.append(
+            f"| {r['artifact']} | {r['file']} | {r['size_mb']:.2f} | {r['max_abs_diff']:.2e} | "
+            f"{r['agreement']:.2f} % | {r['accuracy']:.2f} % | {-r['drop']:+.2f} | {r['gate']} | "
+            f"{'PASS' if r['passed'] else 'FAIL'} |"
+        )
     return "\n".join(lines) + "\n"
 
 
@@ -140,8 +174,9 @@ def main(argv: list[str] | None = None) -> int:
     if not paths:
         raise UserError(f"no exported models in {d}; run export/to_onnx.py first")
     _, held, desc = data_for(ck, 0, args.max_images)
-    rep = validate(model, held, paths, Budget(args.max_drop, args.min_agreement, args.max_class_drop),
-                   args.threads, desc)
+    rep = validate(
+        model, held, paths, Budget(args.max_drop, args.min_agreement, args.max_class_drop), args.threads, desc
+    )
     write_report(rep, d)
     print(json.dumps({"passed": rep["passed"]}), f"-> {d}/report.md")
     return 0 if rep["passed"] else 1

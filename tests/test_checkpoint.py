@@ -56,7 +56,7 @@ def test_truncated_checkpoint(tmp_path):
     make_ckpt(tmp_path / "good.pt")
     data = (tmp_path / "good.pt").read_bytes()
     (tmp_path / "cut.pt").write_bytes(data[: len(data) // 2])
-    with pytest.raises(UserError, match="unreadable|not a PyTorch"):
+    with pytest.raises(UserError, match=r"unreadable|not a PyTorch"):
         load_checkpoint(tmp_path / "cut.pt")
 
 
@@ -84,6 +84,9 @@ def test_no_unsafe_torch_load_in_source():
     import pathlib
 
     root = pathlib.Path(__file__).resolve().parents[1]
-    offenders = [str(p) for p in root.glob("[a-z]*/**/*.py") if ".venv" not in p.parts
-                 and "weights_only=" + "False" in p.read_text()]
+    offenders = [
+        str(p)
+        for p in root.glob("[a-z]*/**/*.py")
+        if ".venv" not in p.parts and "weights_only=" + "False" in p.read_text()
+    ]
     assert offenders == []

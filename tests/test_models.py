@@ -37,8 +37,14 @@ def test_input_below_minimum_is_refused():
 
 
 def test_spec_rebuild_gives_same_architecture():
-    spec = ModelSpec("efficientnet_lite0", ("a", "b"), 32, 32, "squash",
-                     arch_kwargs={"head": "mlp", "dropout": 0.3, "hidden": 16, "taps": [2, 4], "pool": "meanmax"})
+    spec = ModelSpec(
+        "efficientnet_lite0",
+        ("a", "b"),
+        32,
+        32,
+        "squash",
+        arch_kwargs={"head": "mlp", "dropout": 0.3, "hidden": 16, "taps": [2, 4], "pool": "meanmax"},
+    )
     a = model_from_spec(spec)
     b = model_from_spec(spec)
     b.load_state_dict(a.state_dict())
@@ -57,8 +63,13 @@ def test_pretrained_lite0_recognises_sample_images():
     cats = ResNet18_Weights.DEFAULT.meta["categories"]
     spec = ModelSpec("efficientnet_lite0", tuple(cats), 224, 256, mean=(0.5,) * 3, std=(0.5,) * 3)
     model = create_model("efficientnet_lite0", 1000, weights="imagenet").eval()
-    images = dict(zip([f.rsplit("/", 1)[-1] for f in load_sample_images().filenames], load_sample_images().images,
-                      strict=True))
+    images = dict(
+        zip(
+            [f.rsplit("/", 1)[-1] for f in load_sample_images().filenames],
+            load_sample_images().images,
+            strict=True,
+        )
+    )
     with torch.no_grad():
         for file, label in (("china.jpg", "palace"), ("flower.jpg", "daisy")):
             x = torch.from_numpy(preprocess(Image.fromarray(images[file]), spec))[None]

@@ -20,8 +20,15 @@ def test_spec_json_round_trip():
     assert s.in_channels == 1 and s.num_classes == 2
 
 
-@pytest.mark.parametrize("bad", [dict(crop="zoom"), dict(color="rgb", mean=(0.5,), std=(0.5,)), dict(std=(0, 1, 1)),
-                                 dict(image_size=300, resize_size=256)])
+@pytest.mark.parametrize(
+    "bad",
+    [
+        dict(crop="zoom"),
+        dict(color="rgb", mean=(0.5,), std=(0.5,)),
+        dict(std=(0, 1, 1)),
+        dict(image_size=300, resize_size=256),
+    ],
+)
 def test_spec_rejects_invalid(bad):
     with pytest.raises(UserError, match="invalid model spec"):
         spec(**bad)
@@ -75,7 +82,7 @@ def test_exif_orientation_applied():
 def test_first_frame_of_animation():
     frames = [Image.new("RGB", (6, 6), c) for c in ((255, 0, 0), (0, 0, 255))]
     data = save(frames[0], "GIF", save_all=True, append_images=frames[1:])
-    r, g, b = load_image(data).getpixel((0, 0))
+    r, _, b = load_image(data).getpixel((0, 0))
     assert r > 200 and b < 50
 
 
@@ -88,13 +95,20 @@ def bomb_png(w: int, h: int) -> bytes:
         return struct.pack(">I", len(d)) + t + d + struct.pack(">I", zlib.crc32(t + d) & 0xFFFFFFFF)
 
     ihdr = struct.pack(">IIBBBBB", w, h, 8, 0, 0, 0, 0)
-    return b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    return (
+        b"\x89PNG\r\n\x1a\n" + chunk(b"IHDR", ihdr) + chunk(b"IDAT", zlib.compress(b"\0" * 1000)) + chunk(b"IEND", b"")
+    )
 
 
-@pytest.mark.parametrize(("data", "match"), [
-    (b"", "empty"), (b"<html>hello</html>", "not a supported image"), (bomb_png(13000, 13000), "MP"),
-    (bomb_png(60000, 1), "aspect"),
-])
+@pytest.mark.parametrize(
+    ("data", "match"),
+    [
+        (b"", "empty"),
+        (b"<html>hello</html>", "not a supported image"),
+        (bomb_png(13000, 13000), "MP"),
+        (bomb_png(60000, 1), "aspect"),
+    ],
+)
 def test_hostile_inputs_get_one_line_errors(data, match):
     t = time.perf_counter()
     with pytest.raises(ImageError, match=match) as e:

@@ -19,14 +19,23 @@ def read_history(run):
         return list(csv.DictReader(f))
 
 
-@pytest.mark.parametrize(("mode", "model"), [("scratch", "cnn_small"), ("finetune", "efficientnet_lite0"),
-                                             ("transfer", "efficientnet_lite0")])
+@pytest.mark.parametrize(
+    ("mode", "model"),
+    [("scratch", "cnn_small"), ("finetune", "efficientnet_lite0"), ("transfer", "efficientnet_lite0")],
+)
 def test_each_mode_trains_and_writes_a_self_describing_run(workdir, tiny_folder, mode, model):
-    assert run_train("--data", str(tiny_folder), "--mode", mode, "--model", model, "--epochs", "1",
-                     "--name", "r") == 0
+    assert run_train("--data", str(tiny_folder), "--mode", mode, "--model", model, "--epochs", "1", "--name", "r") == 0
     run = workdir / "artifacts/runs/r"
-    for f in ("best.pt", "last.pt", "resume.pt", "meta.json", "metrics.json", "history.csv", "curves.png",
-              "confusion_matrix.png"):
+    for f in (
+        "best.pt",
+        "last.pt",
+        "resume.pt",
+        "meta.json",
+        "metrics.json",
+        "history.csv",
+        "curves.png",
+        "confusion_matrix.png",
+    ):
         assert (run / f).is_file(), f
     meta = json.loads((run / "meta.json").read_text())
     assert meta["spec"]["class_names"] == sorted(CLASSES) and meta["spec"]["arch"] == model
@@ -41,14 +50,38 @@ def test_each_mode_trains_and_writes_a_self_describing_run(workdir, tiny_folder,
 
 
 def test_scratch_learns_the_synthetic_task(workdir, tiny_folder):
-    assert run_train("--data", str(tiny_folder), "--mode", "scratch", "--model", "cnn_small", "--epochs", "12",
-                     "--lr", "0.01", "--name", "learn") == 0
+    assert (
+        run_train(
+            "--data",
+            str(tiny_folder),
+            "--mode",
+            "scratch",
+            "--model",
+            "cnn_small",
+            "--epochs",
+            "12",
+            "--lr",
+            "0.01",
+            "--name",
+            "learn",
+        )
+        == 0
+    )
     assert float(read_history(workdir / "artifacts/runs/learn")[-1]["train_acc"]) > 0.8
 
 
 def test_resume_continues_at_the_right_epoch_and_lr(workdir, tiny_folder):
-    common = ["--data", str(tiny_folder), "--mode", "scratch", "--model", "cnn_small", "--deterministic",
-              "--augment", "basic"]
+    common = [
+        "--data",
+        str(tiny_folder),
+        "--mode",
+        "scratch",
+        "--model",
+        "cnn_small",
+        "--deterministic",
+        "--augment",
+        "basic",
+    ]
     assert run_train(*common, "--epochs", "4", "--name", "full") == 0
     assert run_train(*common, "--epochs", "2", "--name", "part") == 0
     # same schedule length: resume the 2-epoch run up to 4 epochs with the original --epochs recorded
@@ -61,10 +94,33 @@ def test_resume_continues_at_the_right_epoch_and_lr(workdir, tiny_folder):
 
 
 def test_resume_refuses_changed_options(workdir, tiny_folder, capsys):
-    assert run_train("--data", str(tiny_folder), "--mode", "scratch", "--model", "cnn_small", "--epochs", "1",
-                     "--name", "a") == 0
-    code = run_train("--data", str(tiny_folder), "--mode", "scratch", "--model", "cnn_medium", "--epochs", "2",
-                     "--resume", "a")
+    assert (
+        run_train(
+            "--data",
+            str(tiny_folder),
+            "--mode",
+            "scratch",
+            "--model",
+            "cnn_small",
+            "--epochs",
+            "1",
+            "--name",
+            "a",
+        )
+        == 0
+    )
+    code = run_train(
+        "--data",
+        str(tiny_folder),
+        "--mode",
+        "scratch",
+        "--model",
+        "cnn_medium",
+        "--epochs",
+        "2",
+        "--resume",
+        "a",
+    )
     assert code == 2 and "changed options ['model']" in capsys.readouterr().err
 
 
@@ -76,16 +132,19 @@ def test_config_file_sets_options_and_flags_override(workdir, tiny_folder):
     assert args["model"] == "cnn_small" and args["epochs"] == 1 and args["lr"] == 0.003
 
 
-@pytest.mark.parametrize(("setup", "argv", "message"), [
-    ("none", ["--data", "missing_dir"], "does not exist"),
-    ("empty", ["--data", "empty"], "is empty"),
-    ("emptyclass", ["--data", "data"], "has no readable images"),
-    ("folder", ["--data", "data", "--model", "resnet19"], "did you mean resnet18"),
-    ("folder", ["--data", "data", "--mode", "scratch", "--weights", "DEFAULT"], "makes no sense"),
-    ("folder", ["--data", "data", "--mode", "transfer", "--model", "cnn_small"], "no pretrained weights"),
-    ("badcfg", ["--config", "cfg.yaml"], "unknown options"),
-    ("folder", ["--data", "data", "--resume", "nothing"], "nothing to resume"),
-])
+@pytest.mark.parametrize(
+    ("setup", "argv", "message"),
+    [
+        ("none", ["--data", "missing_dir"], "does not exist"),
+        ("empty", ["--data", "empty"], "is empty"),
+        ("emptyclass", ["--data", "data"], "has no readable images"),
+        ("folder", ["--data", "data", "--model", "resnet19"], "did you mean resnet18"),
+        ("folder", ["--data", "data", "--mode", "scratch", "--weights", "DEFAULT"], "makes no sense"),
+        ("folder", ["--data", "data", "--mode", "transfer", "--model", "cnn_small"], "no pretrained weights"),
+        ("badcfg", ["--config", "cfg.yaml"], "unknown options"),
+        ("folder", ["--data", "data", "--resume", "nothing"], "nothing to resume"),
+    ],
+)
 def test_bad_input_is_one_clear_line(workdir, capsys, setup, argv, message):
     if setup == "empty":
         (workdir / "empty").mkdir()
@@ -103,8 +162,23 @@ def test_bad_input_is_one_clear_line(workdir, capsys, setup, argv, message):
 
 @pytest.fixture
 def trained(workdir, tiny_folder):
-    assert run_train("--data", str(tiny_folder), "--mode", "scratch", "--model", "cnn_small", "--epochs", "3",
-                     "--lr", "0.01", "--name", "t") == 0
+    assert (
+        run_train(
+            "--data",
+            str(tiny_folder),
+            "--mode",
+            "scratch",
+            "--model",
+            "cnn_small",
+            "--epochs",
+            "3",
+            "--lr",
+            "0.01",
+            "--name",
+            "t",
+        )
+        == 0
+    )
     return workdir / "artifacts/runs/t"
 
 
@@ -143,8 +217,16 @@ def test_evaluate_refuses_non_checkpoint(workdir, capsys):
 
 def test_predict_topk_json_grid_and_bad_file(trained, tiny_folder, workdir, capsys):
     good = tiny_folder / "circle" / "000.png"
-    argv = [str(good), str(tiny_folder / "blank" / "truncated.jpg"), "--topk", "2", "--json",
-            str(workdir / "p.json"), "--grid", str(workdir / "g.png")]
+    argv = [
+        str(good),
+        str(tiny_folder / "blank" / "truncated.jpg"),
+        "--topk",
+        "2",
+        "--json",
+        str(workdir / "p.json"),
+        "--grid",
+        str(workdir / "g.png"),
+    ]
     assert run_cli(predict.main, argv) == 1  # one file failed: non-zero, but the others were answered
     res = json.loads((workdir / "p.json").read_text())
     assert len(res[0]["top"]) == 2 and res[0]["top"][0]["prob"] >= res[0]["top"][1]["prob"]

@@ -15,18 +15,26 @@ from training.engine import OPTIMIZERS, SCHEDULES
 
 MODES = ("scratch", "finetune", "transfer")
 # Per-mode defaults: transfer trains a head on cached features (cheap epochs); finetune moves all weights.
-MODE_DEFAULTS = {"transfer": {"epochs": 40, "lr": 1e-3}, "finetune": {"epochs": 12, "lr": 1e-3},
-                 "scratch": {"epochs": 30, "lr": 2e-3}}
+MODE_DEFAULTS = {
+    "transfer": {"epochs": 40, "lr": 1e-3},
+    "finetune": {"epochs": 12, "lr": 1e-3},
+    "scratch": {"epochs": 30, "lr": 2e-3},
+}
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Train an image classifier (scratch / finetune / transfer).",
-                                formatter_class=argparse.ArgumentDefaultsHelpFormatter)
+    p = argparse.ArgumentParser(
+        description="Train an image classifier (scratch / finetune / transfer).",
+        formatter_class=argparse.ArgumentDefaultsHelpFormatter,
+    )
     p.add_argument("--config", type=Path, help="YAML file setting any option below (flags override it)")
     g = p.add_argument_group("data")
-    g.add_argument("--data", default="elpv",
-                   help="ImageFolder path (train/ val/ [test/] or class folders) or elpv|digits|mnist|"
-                        "fashionmnist|cifar10|flowers102")
+    g.add_argument(
+        "--data",
+        default="elpv",
+        help="ImageFolder path (train/ val/ [test/] or class folders) or elpv|digits|mnist|"
+        "fashionmnist|cifar10|flowers102",
+    )
     g.add_argument("--elpv-task", choices=("4class", "binary"), default="4class")
     g.add_argument("--val-split", type=float, default=0.15, help="fraction held out for validation")
     g.add_argument("--data-dir", type=Path, default=Path("artifacts/data"), help="download folder (torchvision)")
@@ -35,13 +43,20 @@ def get_args_parser() -> argparse.ArgumentParser:
     g = p.add_argument_group("model")
     g.add_argument("--model", default="efficientnet_lite0", help=f"one of: {', '.join(list_models())}")
     g.add_argument("--mode", choices=MODES, default="transfer")
-    g.add_argument("--weights", help="pretrained weights: 'imagenet' (Lite0, offline), a torchvision enum "
-                                     "name (DEFAULT, IMAGENET1K_V1) or a .pth file; default per model")
+    g.add_argument(
+        "--weights",
+        help="pretrained weights: 'imagenet' (Lite0, offline), a torchvision enum "
+        "name (DEFAULT, IMAGENET1K_V1) or a .pth file; default per model",
+    )
     g.add_argument("--head", choices=HEADS, default="linear")
     g.add_argument("--hidden", type=int, default=256, help="MLP head width")
     g.add_argument("--dropout", type=float, help="head dropout (default per model)")
-    g.add_argument("--taps", default="auto", help="EfficientNet-Lite: extra feature blocks, e.g. '4,7,10,14', "
-                                                   "'none', or auto (multi-scale in transfer mode)")
+    g.add_argument(
+        "--taps",
+        default="auto",
+        help="EfficientNet-Lite: extra feature blocks, e.g. '4,7,10,14', "
+        "'none', or auto (multi-scale in transfer mode)",
+    )
     g.add_argument("--pool", choices=("auto", "mean", "meanmax"), default="auto")
     g = p.add_argument_group("preprocessing (recorded in the model spec)")
     g.add_argument("--image-size", type=int, help="network input side (default per model/data)")

@@ -54,11 +54,17 @@ class DataSource:
         return ("test", self.test) if self.test is not None else ("val", self.val)
 
 
-def stratified_split(items: Sequence, labels: Sequence[int], fraction: float, seed: int = SPLIT_SEED,
-                     strata: Sequence | None = None) -> tuple[Split, Split]:
+def stratified_split(
+    items: Sequence,
+    labels: Sequence[int],
+    fraction: float,
+    seed: int = SPLIT_SEED,
+    strata: Sequence | None = None,
+) -> tuple[Split, Split]:
     idx = np.arange(len(items))
-    a, b = train_test_split(idx, test_size=fraction, random_state=seed,
-                            stratify=strata if strata is not None else labels)
+    a, b = train_test_split(
+        idx, test_size=fraction, random_state=seed, stratify=strata if strata is not None else labels
+    )
     pick = lambda ix: Split([items[i] for i in sorted(ix)], [int(labels[i]) for i in sorted(ix)])  # noqa: E731
     return pick(a), pick(b)
 
@@ -102,7 +108,7 @@ def _header_ok(path: Path) -> bool:
         with Image.open(path) as im:
             im.size  # noqa: B018 - header only
         return True
-    except Exception:  # noqa: BLE001 - any failure means "not an image we can use"
+    except Exception:
         return False
 
 
@@ -178,8 +184,12 @@ def elpv_source(task: str = "4class", val_split: float = 0.15) -> DataSource:
     trval_idx, test_idx = train_test_split(idx, test_size=0.25, random_state=SPLIT_SEED, stratify=strata)
     test = Split([paths[i] for i in sorted(test_idx)], [int(labels[i]) for i in sorted(test_idx)])
     trval = sorted(trval_idx)
-    train, val = stratified_split([paths[i] for i in trval], [int(labels[i]) for i in trval], val_split,
-                                  strata=[strata[i] for i in trval])
+    train, val = stratified_split(
+        [paths[i] for i in trval],
+        [int(labels[i]) for i in trval],
+        val_split,
+        strata=[strata[i] for i in trval],
+    )
     return DataSource(f"elpv-{task}", names, train, val, test, gray=True, native_size=300)
 
 
@@ -196,8 +206,12 @@ def digits_source(val_split: float = 0.15) -> DataSource:
 def torchvision_source(name: str, data_dir: Path, val_split: float) -> DataSource:
     import torchvision.datasets as tvd
 
-    cls = {"mnist": tvd.MNIST, "fashionmnist": tvd.FashionMNIST, "cifar10": tvd.CIFAR10,
-           "flowers102": tvd.Flowers102}[name]
+    cls = {
+        "mnist": tvd.MNIST,
+        "fashionmnist": tvd.FashionMNIST,
+        "cifar10": tvd.CIFAR10,
+        "flowers102": tvd.Flowers102,
+    }[name]
     folder = data_dir / name
 
     def get(**kw: Any):
@@ -206,9 +220,11 @@ def torchvision_source(name: str, data_dir: Path, val_split: float) -> DataSourc
         except (RuntimeError, FileNotFoundError):
             try:
                 return cls(str(folder), download=True, **kw)
-            except Exception as e:  # noqa: BLE001 - any network failure has the same remedy
-                raise UserError(f"{name} is not in {folder} and could not be downloaded ({type(e).__name__}); "
-                                f"offline? copy the dataset files into {folder}") from None
+            except Exception as e:
+                raise UserError(
+                    f"{name} is not in {folder} and could not be downloaded ({type(e).__name__}); "
+                    f"offline? copy the dataset files into {folder}"
+                ) from None
 
     if name == "flowers102":
         tr, va, te = get(split="train"), get(split="val"), get(split="test")
@@ -218,12 +234,20 @@ def torchvision_source(name: str, data_dir: Path, val_split: float) -> DataSourc
     targets = [int(t) for t in tr.targets]
     train, val = stratified_split([(tr, i) for i in range(len(tr))], targets, val_split)
     test = Split([(te, i) for i in range(len(te))], [int(t) for t in te.targets])
-    return DataSource(name, list(tr.classes), train, val, test, gray=name != "cifar10",
-                      native_size=32 if name == "cifar10" else 28)
+    return DataSource(
+        name,
+        list(tr.classes),
+        train,
+        val,
+        test,
+        gray=name != "cifar10",
+        native_size=32 if name == "cifar10" else 28,
+    )
 
 
-def load_source(data: str, val_split: float = 0.15, elpv_task: str = "4class",
-                data_dir: Path = Path("artifacts/data")) -> DataSource:
+def load_source(
+    data: str, val_split: float = 0.15, elpv_task: str = "4class", data_dir: Path = Path("artifacts/data")
+) -> DataSource:
     if not 0.0 < val_split < 1.0:
         raise UserError(f"--val-split must be between 0 and 1, got {val_split}")
     if data == "elpv":

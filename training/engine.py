@@ -17,16 +17,22 @@ OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 
 
-def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
-                   backbone_lr_scale: float = 1.0) -> torch.optim.Optimizer:
+def make_optimizer(
+    model: nn.Module, name: str, lr: float, weight_decay: float, backbone_lr_scale: float = 1.0
+) -> torch.optim.Optimizer:
     """Param groups: no weight decay on norms/biases; the backbone at lr * backbone_lr_scale (finetune)."""
     groups: dict[tuple[bool, bool], list[nn.Parameter]] = {}
     for n, p in model.named_parameters():
         if p.requires_grad:
             groups.setdefault((n.startswith("backbone."), p.ndim <= 1), []).append(p)
-    params = [{"params": ps, "weight_decay": 0.0 if no_decay else weight_decay,
-               "lr": lr * (backbone_lr_scale if is_backbone else 1.0)}
-              for (is_backbone, no_decay), ps in sorted(groups.items())]
+    params = [
+        {
+            "params": ps,
+            "weight_decay": 0.0 if no_decay else weight_decay,
+            "lr": lr * (backbone_lr_scale if is_backbone else 1.0),
+        }
+        for (is_backbone, no_decay), ps in sorted(groups.items())
+    ]
     if not params:
         raise ValueError("no trainable parameters")
     if name == "sgd":
@@ -36,8 +42,15 @@ def make_optimizer(model: nn.Module, name: str, lr: float, weight_decay: float,
     return torch.optim.AdamW(params, lr=lr)
 
 
-def make_scheduler(optimizer: torch.optim.Optimizer, kind: str, epochs: int, steps_per_epoch: int,
-                   warmup_epochs: float = 0.0, step_size: int = 10, gamma: float = 0.1):
+def make_scheduler(
+    optimizer: torch.optim.Optimizer,
+    kind: str,
+    epochs: int,
+    steps_per_epoch: int,
+    warmup_epochs: float = 0.0,
+    step_size: int = 10,
+    gamma: float = 0.1,
+):
     """Per-iteration LambdaLR: linear warm-up, then cosine to 0, step decay, or constant."""
     total = max(1, epochs * steps_per_epoch)
     warm = int(warmup_epochs * steps_per_epoch)
@@ -69,9 +82,20 @@ def _autocast(device: torch.device, amp: str | None):
     return nullcontext()
 
 
-def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, criterion, device: torch.device,
-                    desc: str = "train", amp: str | None = None, scaler=None, channels_last: bool = False,
-                    progress: bool = True, clip_grad: float | None = None) -> EpochStats:
+def train_one_epoch(
+    model: nn.Module,
+    loader,
+    optimizer,
+    scheduler,
+    criterion,
+    device: torch.device,
+    desc: str = "train",
+    amp: str | None = None,
+    scaler=None,
+    channels_last: bool = False,
+    progress: bool = True,
+    clip_grad: float | None = None,
+) -> EpochStats:
     model.train()
     t0, total_loss, correct, seen, skipped = time.perf_counter(), 0.0, 0, 0, 0
     bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
@@ -107,8 +131,15 @@ def train_one_epoch(model: nn.Module, loader, optimizer, scheduler, criterion, d
 
 
 @torch.no_grad()
-def predict(model: nn.Module, loader, device: torch.device, amp: str | None = None,
-            channels_last: bool = False, progress: bool = False, desc: str = "eval"):
+def predict(
+    model: nn.Module,
+    loader,
+    device: torch.device,
+    amp: str | None = None,
+    channels_last: bool = False,
+    progress: bool = False,
+    desc: str = "eval",
+):
     """(logits float32 [N, C], labels int64 [N], skipped count) over a loader of (x, y, skipped)."""
     model.eval()
     logits, labels, skipped = [], [], 0
@@ -134,8 +165,12 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, class_names: 
     np.add.at(cm, (labels, pred), 1)
     support = cm.sum(1)
     per_class = {c: (float(cm[i, i] / support[i]) if support[i] else None) for i, c in enumerate(class_names)}
-    out: dict[str, Any] = {"n": int(len(labels)), "accuracy": float((pred == labels).mean()) if len(labels) else 0.0,
-                           "per_class_accuracy": per_class, "confusion_matrix": cm.tolist()}
+    out: dict[str, Any] = {
+        "n": len(labels),
+        "accuracy": float((pred == labels).mean()) if len(labels) else 0.0,
+        "per_class_accuracy": per_class,
+        "confusion_matrix": cm.tolist(),
+    }
     if n_cls >= 5:
         top5 = np.argsort(-logits, 1)[:, :5]
         out["top5_accuracy"] = float((top5 == labels[:, None]).any(1).mean())

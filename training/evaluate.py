@@ -1,8 +1,8 @@
 """Evaluate a checkpoint on a held-out split: accuracy, top-5, confusion matrix, per-class lines, report.
 
-    python training/evaluate.py                                  # artifacts/runs/latest/best.pt, test split
-    python training/evaluate.py --checkpoint RUN/best.pt --split val --json out.json
-    python training/evaluate.py --data path/to/new_images        # any ImageFolder with the same classes
+python training/evaluate.py                                  # artifacts/runs/latest/best.pt, test split
+python training/evaluate.py --checkpoint RUN/best.pt --split val --json out.json
+python training/evaluate.py --data path/to/new_images        # any ImageFolder with the same classes
 """
 
 from __future__ import annotations
@@ -29,8 +29,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--checkpoint", help="checkpoint or run folder (default artifacts/runs/latest/best.pt)")
     p.add_argument("--data", help="dataset (default: the one the checkpoint was trained on)")
-    p.add_argument("--split", choices=("test", "val", "train", "all"), default="test",
-                   help="which split; a plain class-folder dataset given with --data is used whole ('all')")
+    p.add_argument(
+        "--split",
+        choices=("test", "val", "train", "all"),
+        default="test",
+        help="which split; a plain class-folder dataset given with --data is used whole ('all')",
+    )
     p.add_argument("--batch-size", type=int, default=32)
     p.add_argument("--workers", type=int, default=2)
     p.add_argument("--out", type=Path, help="folder for PNGs/JSON (default <run>/eval)")
@@ -47,8 +51,12 @@ def pick_split(args: argparse.Namespace, train_args: dict, class_names: list[str
         classes, paths, labels, _ = _scan_folder(Path(args.data))
         _check_classes(classes, class_names)
         return "all", Split(paths, [class_names.index(classes[i]) for i in labels])
-    src = load_source(data, train_args.get("val_split", 0.15), train_args.get("elpv_task", "4class"),
-                      Path(train_args.get("data_dir", "artifacts/data")))
+    src = load_source(
+        data,
+        train_args.get("val_split", 0.15),
+        train_args.get("elpv_task", "4class"),
+        Path(train_args.get("data_dir", "artifacts/data")),
+    )
     _check_classes(src.class_names, class_names)
     if args.split == "all":
         parts = [s for s in (src.train, src.val, src.test) if s is not None]
@@ -61,8 +69,10 @@ def pick_split(args: argparse.Namespace, train_args: dict, class_names: list[str
 
 def _check_classes(data_classes: list[str], model_classes: list[str]) -> None:
     if list(data_classes) != list(model_classes) and not set(data_classes) <= set(model_classes):
-        raise UserError(f"dataset classes {list(data_classes)[:8]} do not match the checkpoint's "
-                        f"{list(model_classes)[:8]}; evaluate with data of the same classes")
+        raise UserError(
+            f"dataset classes {list(data_classes)[:8]} do not match the checkpoint's "
+            f"{list(model_classes)[:8]}; evaluate with data of the same classes"
+        )
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -71,8 +81,12 @@ def main(argv: list[str] | None = None) -> int:
     model, ck = load_model(path)
     names = list(ck.spec.class_names)
     split_name, split = pick_split(args, ck.args, names)
-    loader = DataLoader(ImageDataset(split, eval_transform(ck.spec)), batch_size=args.batch_size,
-                        num_workers=args.workers, collate_fn=collate_skip)
+    loader = DataLoader(
+        ImageDataset(split, eval_transform(ck.spec)),
+        batch_size=args.batch_size,
+        num_workers=args.workers,
+        collate_fn=collate_skip,
+    )
     device = torch.device("cuda" if torch.cuda.is_available() else "cpu")
     logits, labels, skipped = predict(model.to(device), loader, device, progress=True)
     if len(labels) == 0:
@@ -83,8 +97,16 @@ def main(argv: list[str] | None = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     print(format_report(m, names, split_name))
     present = sorted(set(labels.tolist()) | set(logits.argmax(1).tolist()))
-    print(classification_report(labels, logits.argmax(1), labels=present, target_names=[names[i] for i in present],
-                                digits=4, zero_division=0))
+    print(
+        classification_report(
+            labels,
+            logits.argmax(1),
+            labels=present,
+            target_names=[names[i] for i in present],
+            digits=4,
+            zero_division=0,
+        )
+    )
     pairs = most_confused(m["confusion_matrix"], names)
     if pairs:
         print("Most confused (true -> predicted: count): " + "; ".join(f"{a} -> {b}: {n}" for a, b, n in pairs))
@@ -104,8 +126,10 @@ def _error_grid(split: Split, logits: np.ndarray, labels: np.ndarray, names: lis
     wrong = np.flatnonzero(logits.argmax(1) != labels)[:k]
     if len(wrong):
         probs = torch.from_numpy(logits[wrong]).softmax(1).numpy()
-        caps = [f"true {names[labels[i]]}\npred {names[p.argmax()]} {p.max():.0%}" for i, p in zip(wrong, probs,
-                                                                                                   strict=True)]
+        caps = [
+            f"true {names[labels[i]]}\npred {names[p.argmax()]} {p.max():.0%}"
+            for i, p in zip(wrong, probs, strict=True)
+        ]
         image_grid([load_item(split.items[i]) for i in wrong], caps, path, ["red"] * len(wrong))
 
 

@@ -71,8 +71,16 @@ def _ort_runner(backbone: nn.Module, spec: ModelSpec, tmp: Path):
     x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        torch.onnx.export(backbone, (x,), str(path), input_names=["x"], output_names=["f"],
-                          dynamic_axes={"x": {0: "n"}}, dynamo=False, opset_version=17)
+        torch.onnx.export(
+            backbone,
+            (x,),
+            str(path),
+            input_names=["x"],
+            output_names=["f"],
+            dynamic_axes={"x": {0: "n"}},
+            dynamo=False,
+            opset_version=17,
+        )
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -87,8 +95,14 @@ def _torch_runner(backbone: nn.Module, device: torch.device):
     return run
 
 
-def extract_features(backbone: nn.Module, spec: ModelSpec, split: Split, device: torch.device,
-                     batch_size: int = 32, desc: str = "features") -> tuple[np.ndarray, np.ndarray]:
+def extract_features(
+    backbone: nn.Module,
+    spec: ModelSpec,
+    split: Split,
+    device: torch.device,
+    batch_size: int = 32,
+    desc: str = "features",
+) -> tuple[np.ndarray, np.ndarray]:
     backbone = backbone.eval()
     feats, labels = [], []
     with tempfile.TemporaryDirectory() as tmp:
@@ -96,9 +110,10 @@ def extract_features(backbone: nn.Module, spec: ModelSpec, split: Split, device:
         if device.type == "cpu":
             try:
                 run = _ort_runner(backbone, spec, Path(tmp))
-            except Exception as e:  # noqa: BLE001 - the PyTorch path below gives the same features
-                warnings.warn(f"ONNX Runtime feature path unavailable ({type(e).__name__}); using PyTorch",
-                              stacklevel=1)
+            except Exception as e:
+                warnings.warn(
+                    f"ONNX Runtime feature path unavailable ({type(e).__name__}); using PyTorch", stacklevel=1
+                )
         run = run or _torch_runner(backbone.to(device), device)
         total = -(-len(split) // batch_size)
         for x, keep in tqdm(_batches(split, spec, batch_size), total=total, desc=desc, leave=False):
@@ -109,8 +124,15 @@ def extract_features(backbone: nn.Module, spec: ModelSpec, split: Split, device:
     return np.concatenate(feats).astype(np.float32), np.asarray(labels, np.int64)
 
 
-def cached_features(backbone: nn.Module, spec: ModelSpec, weights: str | None, split: Split, name: str,
-                    cache_dir: Path, device: torch.device) -> tuple[np.ndarray, np.ndarray]:
+def cached_features(
+    backbone: nn.Module,
+    spec: ModelSpec,
+    weights: str | None,
+    split: Split,
+    name: str,
+    cache_dir: Path,
+    device: torch.device,
+) -> tuple[np.ndarray, np.ndarray]:
     path = cache_dir / f"{spec.arch}-{name}-{cache_key(spec, weights, split)}.npz"
     if path.is_file():
         with np.load(path) as z:
@@ -138,5 +160,5 @@ class FeatureLoader:
         order = torch.randperm(len(self.y), generator=g) if self.shuffle else torch.arange(len(self.y))
         self.epoch += 1
         for s in range(0, len(order), self.batch_size):
-            ix = order[s:s + self.batch_size]
+            ix = order[s : s + self.batch_size]
             yield self.x[ix], self.y[ix], 0

@@ -7,9 +7,9 @@ from pathlib import Path
 import matplotlib
 
 matplotlib.use("Agg")
-import matplotlib.pyplot as plt  # noqa: E402
-import numpy as np  # noqa: E402
-from PIL import Image  # noqa: E402
+import matplotlib.pyplot as plt
+import numpy as np
+from PIL import Image
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
@@ -41,16 +41,24 @@ def plot_confusion(cm: list[list[int]], class_names: list[str], path: Path, titl
         thresh = cm_a.max() / 2 if cm_a.size else 0
         for i in range(n):
             for j in range(n):
-                ax.text(j, i, str(cm_a[i, j]), ha="center", va="center",
-                        color="white" if cm_a[i, j] > thresh else "black", fontsize=8)
+                ax.text(
+                    j,
+                    i,
+                    str(cm_a[i, j]),
+                    ha="center",
+                    va="center",
+                    color="white" if cm_a[i, j] > thresh else "black",
+                    fontsize=8,
+                )
     ax.set(xlabel="predicted", ylabel="true", title=title or "confusion matrix")
     fig.tight_layout()
     fig.savefig(path, dpi=110)
     plt.close(fig)
 
 
-def image_grid(images: list[Image.Image], captions: list[str], path: Path, colors: list[str] | None = None,
-               cols: int = 6) -> None:
+def image_grid(
+    images: list[Image.Image], captions: list[str], path: Path, colors: list[str] | None = None, cols: int = 6
+) -> None:
     rows = max(1, -(-len(images) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.7 * rows), squeeze=False)
     for k, ax in enumerate(axes.flat):

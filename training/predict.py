@@ -1,7 +1,7 @@
 """Top-k predictions for image files, folders or globs, with an optional annotated grid or JSON.
 
-    python training/predict.py photo.jpg folder/ "more/*.png" --topk 5
-    python training/predict.py samples/ --grid predictions.png --json predictions.json
+python training/predict.py photo.jpg folder/ "more/*.png" --topk 5
+python training/predict.py samples/ --grid predictions.png --json predictions.json
 """
 
 from __future__ import annotations
@@ -66,8 +66,7 @@ def main(argv: list[str] | None = None) -> int:
             continue
         probs = model(tf(im)[None]).softmax(1)[0]
         top = probs.topk(k)
-        preds = [{"label": names[i], "prob": round(float(p), 6)} for p, i in zip(top.values, top.indices,
-                                                                                  strict=True)]
+        preds = [{"label": names[i], "prob": round(float(p), 6)} for p, i in zip(top.values, top.indices, strict=True)]
         results.append({"file": str(path), "top": preds})
         print(f"{path}: " + ", ".join(f"{p['label']} {p['prob']:.1%}" for p in preds))
         if args.grid and len(shown) < 48:

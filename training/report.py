@@ -8,8 +8,10 @@ import numpy as np
 
 
 def format_report(metrics: dict[str, Any], class_names: list[str], split: str) -> str:
-    lines = [f"Accuracy on the {metrics['n']} {split} images: {100 * metrics['accuracy']:.2f} %"
-             f" (balanced {100 * metrics['balanced_accuracy']:.2f} %)"]
+    lines = [
+        f"Accuracy on the {metrics['n']} {split} images: {100 * metrics['accuracy']:.2f} %"
+        f" (balanced {100 * metrics['balanced_accuracy']:.2f} %)"
+    ]
     if "top5_accuracy" in metrics:
         lines.append(f"Top-5 accuracy: {100 * metrics['top5_accuracy']:.2f} %")
     cm = np.asarray(metrics["confusion_matrix"])
@@ -27,5 +29,8 @@ def most_confused(cm: list[list[int]], class_names: list[str], k: int = 5) -> li
     a = np.asarray(cm).copy()
     np.fill_diagonal(a, 0)
     flat = np.argsort(-a, axis=None)[:k]
-    return [(class_names[i], class_names[j], int(a[i, j])) for i, j in zip(*np.unravel_index(flat, a.shape),
-                                                                          strict=True) if a[i, j] > 0]
+    return [
+        (class_names[i], class_names[j], int(a[i, j]))
+        for i, j in zip(*np.unravel_index(flat, a.shape), strict=True)
+        if a[i, j] > 0
+    ]

@@ -1,8 +1,8 @@
 """Parameters, multiply-adds and size of a model (seed 001's torchsummary table), or of the whole zoo.
 
-    python training/summary.py --model efficientnet_lite0
-    python training/summary.py --all --image-size 224
-    python training/summary.py --checkpoint artifacts/runs/latest/best.pt
+python training/summary.py --model efficientnet_lite0
+python training/summary.py --all --image-size 224
+python training/summary.py --checkpoint artifacts/runs/latest/best.pt
 """
 
 from __future__ import annotations
@@ -32,8 +32,14 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def stats(model: torch.nn.Module, in_channels: int, size: int, depth: int = 0):
-    info = summary(model, (1, in_channels, size, size), verbose=0, depth=depth, device="cpu",
-                   col_names=("output_size", "num_params", "mult_adds"))
+    info = summary(
+        model,
+        (1, in_channels, size, size),
+        verbose=0,
+        depth=depth,
+        device="cpu",
+        col_names=("output_size", "num_params", "mult_adds"),
+    )
     size_mb = sum(t.numel() * t.element_size() for t in model.state_dict().values()) / 2**20
     return info, info.total_params, info.total_mult_adds, size_mb
 
@@ -41,7 +47,7 @@ def stats(model: torch.nn.Module, in_channels: int, size: int, depth: int = 0):
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if args.all:
-        print(f"| model | input | params (M) | MACs (G) | size fp32 (MB) |\n|---|---|---|---|---|")
+        print("| model | input | params (M) | MACs (G) | size fp32 (MB) |\n|---|---|---|---|---|")
         for name in list_models():
             size = args.image_size or get_entry(name).default_size
             try:

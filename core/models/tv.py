@@ -16,8 +16,20 @@ def _set_in_channels(model: nn.Module, in_channels: int) -> None:
     name, conv = next((n, m) for n, m in model.named_modules() if isinstance(m, nn.Conv2d))
     if conv.in_channels == in_channels:
         return
-    _replace(model, name, nn.Conv2d(in_channels, conv.out_channels, conv.kernel_size, conv.stride,
-                                    conv.padding, conv.dilation, conv.groups, conv.bias is not None))
+    _replace(
+        model,
+        name,
+        nn.Conv2d(
+            in_channels,
+            conv.out_channels,
+            conv.kernel_size,
+            conv.stride,
+            conv.padding,
+            conv.dilation,
+            conv.groups,
+            conv.bias is not None,
+        ),
+    )
 
 
 def torchvision_backbone(arch: str, in_channels: int = 3, weights: str | None = None, **kwargs: object):

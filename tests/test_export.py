@@ -1,0 +1,181 @@
+import json
+
+import numpy as np
+import onnx
+import pytest
+import torch
+
+from core.errors import UserError, run_cli
+from core.images import load_image
+from core.preprocess import preprocess
+from export import to_onnx, to_torchscript
+from export.onnx_io import export_onnx, run_onnx, simplify
+from export.runtime import OnnxClassifier, check_external_data
+from export.validate import cycled_logits
+from tests.test_train import run_train
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    """One tiny trained run (cnn_small on generated folders) shared by the export tests."""
+    import os
+
+    from tests.conftest import make_folder
+
+    root = tmp_path_factory.mktemp("exp")
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        make_folder(root / "data", per_class=12, odd_files=False)
+        assert (
+            run_train(
+                "--data",
+                str(root / "data"),
+                "--mode",
+                "scratch",
+                "--model",
+                "cnn_small",
+                "--epochs",
+                "4",
+                "--lr",
+                "0.01",
+                "--name",
+                "m",
+            )
+            == 0
+        )
+    finally:
+        os.chdir(old)
+    return root / "artifacts/runs/m"
+
+
+def one_shot(run_dir, *extra):
+    return run_cli(
+        to_onnx.main,
+        ["--checkpoint", str(run_dir / "best.pt"), "--calib-images", "24", "--threads", "1", *extra],
+    )
+
+
+def test_one_shot_export_validates_every_artifact(run_dir, monkeypatch):
+    monkeypatch.chdir(run_dir.parent.parent.parent)
+    assert (
+        one_shot(
+            run_dir,
+            "--min-agreement",
+            "90",
+            "--max-drop",
+            "10",
+            "--max-class-drop",
+            "30",
+            "--embed-preprocessing",
+        )
+        == 0
+    )
+    out = run_dir / "export"
+    rep = json.loads((out / "report.json").read_text())
+    names = {r["artifact"] for r in rep["artifacts"]}
+    assert {"onnx_fp32", "onnx_int8", "ort_int8", "torchscript", "torchscript_mobile"} <= names
+    for r in rep["artifacts"]:
+        if r["artifact"] in ("onnx_fp32", "torchscript", "torchscript_mobile"):
+            assert r["agreement"] == 100.0 and r["max_abs_diff"] <= 1e-4 and r["passed"]
+    assert rep["passed"] and (out / "report.md").is_file() and (out / "benchmark.md").is_file()
+    q = json.loads((out / "quantization.json").read_text())
+    assert q["chosen"] and len(q["candidates"]) >= 4
+    assert (out / "model.int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
+
+
+def test_spec_survives_onnx_and_torchscript(run_dir):
+    ck_spec = json.loads((run_dir / "meta.json").read_text())["spec"]
+    clf = OnnxClassifier(run_dir / "export/model.onnx")
+    assert clf.spec.to_dict() == ck_spec
+    meta = {p.key: p.value for p in onnx.load(str(run_dir / "export/model.onnx")).metadata_props}
+    assert len(json.loads(meta["source_sha256"])) == 64
+    _, spec_json = to_torchscript.load_torchscript(run_dir / "export/model.pt")
+    assert json.loads(spec_json) == ck_spec
+
+
+def test_runtime_classifies_like_pytorch(run_dir):
+    from core.checkpoint import load_model
+
+    model, ck = load_model(run_dir / "best.pt")
+    clf = OnnxClassifier(run_dir / "export/model.onnx")
+    img = sorted((run_dir.parent.parent.parent / "data" / "circle").glob("*.png"))[0]
+    top, timing = clf.classify_timed(img, topk=3)
+    x = torch.from_numpy(preprocess(load_image(img), ck.spec))[None]
+    probs = model(x).softmax(1)[0].detach().numpy()
+    assert top[0][0] == ck.spec.class_names[int(probs.argmax())]
+    assert top[0][1] == pytest.approx(float(probs.max()), abs=1e-4)
+    assert set(timing) == {"preprocess_ms", "inference_ms"}
+
+
+def test_uint8_embedded_preprocessing_matches(run_dir):
+    clf = OnnxClassifier(run_dir / "export/model.onnx")
+    img = load_image(sorted((run_dir.parent.parent.parent / "data" / "stripes").glob("*.png"))[0])
+    from core.preprocess import model_view
+
+    view = np.asarray(model_view(img, clf.spec))[None]
+    u8 = run_onnx(run_dir / "export/model.uint8.onnx", view if view.ndim == 4 else view[..., None])
+    assert np.abs(u8 - clf.logits(clf.preprocess(img)[None])).max() < 1e-4
+
+
+@pytest.mark.parametrize("name", ["cnn_small", "efficientnet_lite0", "resnet18", "mobilenet_v2"])
+def test_dynamic_batch_survives_simplification(tmp_path, name):
+    from core.models import create_model
+    from core.spec import ModelSpec
+
+    spec = ModelSpec(name, ("a", "b", "c"), 33, 33, "squash")  # odd size: exercises asymmetric padding
+    model = create_model(name, 3, 3, 33).eval()
+    raw = export_onnx(model, spec, tmp_path / "raw.onnx")
+    x = np.random.default_rng(0).normal(size=(8, 3, 33, 33)).astype(np.float32)
+    rep = simplify(raw, tmp_path / "sim.onnx", x[:1])
+    ref = model(torch.from_numpy(x)).detach().numpy()
+    for b in (1, 3, 8):
+        assert rep["batches"][str(b)]["shape"] == [b, 3]
+        got = run_onnx(tmp_path / "sim.onnx", x[:b])
+        assert np.abs(got - ref[:b]).max() <= 1e-4
+
+
+def test_int8_refused_when_budget_cannot_be_met(run_dir, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir.parent.parent.parent)
+    out = run_dir.parent / "refused"
+    code = one_shot(run_dir, "--out", str(out), "--min-agreement", "100.1", "--no-torchscript", "--no-benchmark")
+    assert code == 3
+    assert not (out / "model.int8.onnx").exists()
+    assert "NOT written" in capsys.readouterr().out
+
+
+def test_cycled_batches_cover_every_image():
+    seen = []
+    cycled_logits(lambda x: (seen.append(len(x)), x[:, :1, 0, 0])[1], np.zeros((50, 1, 1, 1), np.float32))
+    assert sum(seen) == 50 and {1, 7, 32} <= set(seen)
+
+
+def test_onnx_without_spec_and_escaping_external_data(tmp_path):
+    from core.models import create_model
+    from core.spec import ModelSpec
+
+    p = export_onnx(
+        create_model("cnn_small", 2, 3, 16).eval(),
+        ModelSpec("cnn_small", ("a", "b"), 16, 16),
+        tmp_path / "plain.onnx",
+    )
+    with pytest.raises(UserError, match="no 'model_spec' metadata"):
+        OnnxClassifier(p)
+    m = onnx.load(str(p))
+    init = m.graph.initializer[0]
+    init.data_location = onnx.TensorProto.EXTERNAL
+    init.ClearField("raw_data")
+    init.external_data.add(key="location", value="../../etc/passwd")
+    onnx.save(m, str(tmp_path / "evil.onnx"))
+    with pytest.raises(UserError, match="outside"):
+        check_external_data(tmp_path / "evil.onnx")
+    with pytest.raises(UserError, match="outside"):
+        OnnxClassifier(tmp_path / "evil.onnx")
+
+
+def test_export_bad_inputs(tmp_path, capsys):
+    (tmp_path / "x.pt").write_text("not a checkpoint")
+    assert run_cli(to_onnx.main, ["--checkpoint", str(tmp_path / "x.pt")]) == 2
+    assert run_cli(to_onnx.main, ["--checkpoint", str(tmp_path / "missing.pt")]) == 2
+    err = capsys.readouterr().err
+    assert "not a PyTorch checkpoint" in err and "does not exist" in err
