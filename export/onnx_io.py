@@ -52,8 +52,10 @@ def export_onnx(
 ) -> Path:
     model = model.eval()
     if dynamic_size and spec.arch.startswith("efficientnet_lite"):
-        raise UserError("--dynamic-size is not supported for EfficientNet-Lite: its TF 'same' padding depends on "
-                        "the input size; export at the spec's fixed size instead")
+        raise UserError(
+            "--dynamic-size is not supported for EfficientNet-Lite: its TF 'same' padding depends on "
+            "the input size; export at the spec's fixed size instead"
+        )
     if uint8_input:
         model = EmbeddedPreprocessing(model, spec).eval()
         x = torch.zeros(1, spec.image_size, spec.image_size, 1 if spec.color != "rgb" else 3, dtype=torch.uint8)
