@@ -90,7 +90,9 @@ def quantize_one(src: Path, out: Path, calib: np.ndarray, cfg: QConfig, exclude:
         reduce_range=cfg.reduce_range,
         calibrate_method=getattr(CalibrationMethod, cfg.calibration),
         nodes_to_exclude=exclude or [],
-        extra_options={"ActivationSymmetric": cfg.activations == "S8"},
+        # flush collected activations every 4 batches: Percentile/Entropy otherwise keep every
+        # intermediate tensor of every calibration image in memory (OOM at 300 px)
+        extra_options={"ActivationSymmetric": cfg.activations == "S8", "CalibMaxIntermediateOutputs": 4},
     )
     return out
 
