@@ -70,7 +70,7 @@ class Budget:
 
 
 class _Reader(CalibrationDataReader):
-    def __init__(self, x: np.ndarray, name: str, batch: int = 4) -> None:
+    def __init__(self, x: np.ndarray, name: str, batch: int = 16) -> None:
         self.batches = iter([{name: x[i : i + batch]} for i in range(0, len(x), batch)])
 
     def get_next(self):
@@ -90,9 +90,7 @@ def quantize_one(src: Path, out: Path, calib: np.ndarray, cfg: QConfig, exclude:
         reduce_range=cfg.reduce_range,
         calibrate_method=getattr(CalibrationMethod, cfg.calibration),
         nodes_to_exclude=exclude or [],
-        # calibrate 4 images a batch and flush every 4 batches: the calibrators otherwise keep every
-        # intermediate tensor of every calibration image in memory (OOM at 300 px)
-        extra_options={"ActivationSymmetric": cfg.activations == "S8", "CalibMaxIntermediateOutputs": 4},
+        extra_options={"ActivationSymmetric": cfg.activations == "S8"},
     )
     return out
 
