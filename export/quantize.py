@@ -47,12 +47,9 @@ class QConfig:
         )
 
 
-FAST_SEARCH = (
-    QConfig(),
-    QConfig(calibration="Percentile"),
-    QConfig(fmt="QOperator"),
-    QConfig(activations="S8"),
-)
+# Histogram calibrators (Percentile, Entropy) hold every intermediate tensor of every calibration image;
+# see quantize_one for how memory is bounded. The fast search covers format, activation type and granularity.
+FAST_SEARCH = (QConfig(), QConfig(fmt="QOperator"), QConfig(activations="S8"), QConfig(calibration="Percentile"))
 FULL_SEARCH = (
     *FAST_SEARCH,
     QConfig(per_channel=False),
