@@ -16,7 +16,7 @@ from core.images import ImageError
 from core.models import arch_kwargs_for_spec, create_model
 from core.preprocess import preprocess
 from core.spec import ModelSpec
-from training.data import Split, load_item, load_source
+from training.data import Split, load_item, load_source, stratified_split
 from training.runs import ARTIFACTS, RUNS
 
 IMAGENET_DIR = ARTIFACTS / "cache" / "imagenet-lite0"
@@ -147,9 +147,9 @@ def data_for(ckpt: Checkpoint, calib_n: int, heldout_n: int) -> tuple[Images | N
     if list(src.class_names) != list(ckpt.spec.class_names):
         raise UserError("the checkpoint's dataset no longer has the same classes; cannot validate on it")
     name, held = src.eval_split
-    held_idx = (
-        list(range(len(held))) if heldout_n <= 0 or heldout_n >= len(held) else _balanced_subset(held.labels, heldout_n)
-    )
+    held_idx = list(range(len(held)))
+    if 0 < heldout_n < len(held):  # stratified sample: accuracy keeps the split's class mix
+        held_idx = sorted(stratified_split(held_idx, held.labels, heldout_n)[1].items)
     calib = _load(src.train, ckpt.spec, _balanced_subset(src.train.labels, calib_n)) if calib_n > 0 else None
     return (
         calib,

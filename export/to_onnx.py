@@ -93,10 +93,10 @@ def main(argv: list[str] | None = None) -> int:
         qrep = quantize.run_search(fp32, int8, calib.x, held, args)
         write_json(out / "quantization.json", qrep)
         (out / "quantization.md").write_text(quantize.search_table(qrep) + "\n")
-        if not qrep["chosen"]:
-            return 3
-        onnx_io.set_metadata(int8, ck.spec, {**info["meta"], "precision": "int8", "quant_config": qrep["chosen"]})
-        chosen, summary["int8"] = int8, qrep["chosen"]
+        summary["int8"] = qrep["chosen"]
+        if qrep["chosen"]:
+            onnx_io.set_metadata(int8, ck.spec, {**info["meta"], "precision": "int8", "quant_config": qrep["chosen"]})
+            chosen = int8
     if not args.no_ort:
         for stale in ("model.ort", "model.int8.ort"):
             (out / stale).unlink(missing_ok=True)
@@ -125,8 +125,10 @@ def main(argv: list[str] | None = None) -> int:
     for p in sorted(out.iterdir()):
         if p.is_file() and not p.name.startswith("."):
             print(f"  {p.name:<22} {p.stat().st_size / 2**20:8.2f} MB")
-    print(f"export {'passed' if ok else 'FAILED validation'} in {time.perf_counter() - t0:.0f} s -> {out}")
-    return 0 if ok else 1
+    int8_refused = not args.no_int8 and not summary.get("int8")
+    verdict = "FAILED validation" if not ok else "INT8 REFUSED (outside budget)" if int8_refused else "passed"
+    print(f"export {verdict} in {time.perf_counter() - t0:.0f} s -> {out}")
+    return 1 if not ok else 3 if int8_refused else 0
 
 
 if __name__ == "__main__":

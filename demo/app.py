@@ -1,0 +1,221 @@
+"""Gradio demo: every backend of every trained model side by side, on accuracy and latency.
+
+    python demo/app.py                          # discovers artifacts/runs/*; none -> pretrained ImageNet Lite0
+    python demo/app.py --model artifacts/runs/NAME --port 7860
+    python demo/app.py --host 0.0.0.0 --max-file-mb 5 --queue-size 16
+
+Uploads are untrusted: Gradio hands over the file path without decoding it, and core.images decodes it
+with size/pixel caps checked first. Every event has an api_name (see README for a gradio_client example).
+"""
+
+from __future__ import annotations
+
+import argparse
+import sys
+from pathlib import Path
+
+import gradio as gr
+import numpy as np
+
+from core.errors import UserError, run_cli
+from core.images import ImageError
+from demo.backends import BACKENDS, Runners, ServedModel, discover, prepare, run_backends, served_from_path
+from demo.bench import benchmark_plot, benchmark_rows
+from demo.examples import example_files, imagenet_fallback
+
+ARTIFACTS = Path("artifacts")
+
+
+def get_args_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description="Serve trained models in the browser, every backend side by side.")
+    p.add_argument("--model", action="append", help="run folder, checkpoint, .onnx or .pt (repeatable)")
+    p.add_argument("--host", default="127.0.0.1", help="0.0.0.0 exposes it on the network")
+    p.add_argument("--port", type=int, default=7860)
+    p.add_argument("--share", action="store_true", help="create a public gradio.live link (off by default)")
+    p.add_argument("--max-file-mb", type=float, default=10.0, help="largest upload accepted")
+    p.add_argument("--queue-size", type=int, default=32, help="waiting requests beyond this get 'queue full'")
+    p.add_argument("--concurrency", type=int, default=2, help="predictions processed at once")
+    p.add_argument("--threads", type=int, default=2, help="CPU threads per backend")
+    return p
+
+
+class Demo:
+    def __init__(self, models: dict[str, ServedModel], threads: int) -> None:
+        self.models, self.runners = models, Runners(threads)
+
+    def model(self, name: str) -> ServedModel:
+        if name not in self.models:
+            raise gr.Error(f"unknown model {name!r}; choose from {list(self.models)}")
+        return self.models[name]
+
+    def predict(self, file: str | None, camera: str | None, name: str, backends: list[str], topk: float):
+        """Top-k per backend, timings, agreement badge and the exact crop the network sees."""
+        source = file or camera
+        if not source:
+            raise gr.Error("upload an image first (or use the webcam/paste box)")
+        m = self.model(name)
+        chosen = [b for b in (backends or m.backends()) if b in m.backends()]
+        if not chosen:
+            raise gr.Error(f"none of {backends} is available for {name}; available: {m.backends()}")
+        try:
+            x, view, pre_ms = prepare(source, m.spec)
+            preds = run_backends(self.runners, m, chosen, x, int(topk))
+        except (ImageError, UserError) as e:
+            raise gr.Error(str(e)) from None
+        rows = [
+            [p.backend, p.top[0][0], round(p.top[0][1], 4), round(pre_ms, 2), round(p.inference_ms, 2)] for p in preds
+        ]
+        tops = {p.top[0][0] for p in preds}
+        badge = (
+            f"✅ all backends agree on **{next(iter(tops))}**"
+            if len(tops) == 1
+            else "⚠️ backends disagree: " + ", ".join(f"{p.backend} → {p.top[0][0]}" for p in preds)
+        )
+        return dict(preds[0].top), rows, badge, np.asarray(view)
+
+    def compare(self, file: str | None, name: str):
+        """One image through every backend of the model: one Label and latency line per column."""
+        m = self.model(name)
+        if not file:
+            raise gr.Error("upload an image first")
+        try:
+            x, _, pre_ms = prepare(file, m.spec)
+            preds = {p.backend: p for p in run_backends(self.runners, m, m.backends(), x, 5)}
+        except (ImageError, UserError) as e:
+            raise gr.Error(str(e)) from None
+        out = []
+        for b in BACKENDS:
+            p = preds.get(b)
+            out += [
+                dict(p.top) if p else None,
+                f"preprocess {pre_ms:.2f} ms · inference {p.inference_ms:.2f} ms" if p else "not exported",
+            ]
+        return out
+
+    def benchmark(self, name: str, n: float, progress=gr.Progress()):  # noqa: B008 - gradio injects it
+        """Held-out images through each backend, one request at a time (concurrency 1), warm."""
+        m = self.model(name)
+        try:
+            rows = benchmark_rows(self.runners, m, int(n), progress)
+        except UserError as e:
+            raise gr.Error(str(e)) from None
+        return rows, benchmark_plot(rows)
+
+    def card(self, name: str) -> str:
+        m = self.model(name)
+        s = m.spec
+        lines = [
+            f"### {m.name}",
+            f"- architecture: `{s.arch}` {s.arch_kwargs}",
+            f"- classes ({s.num_classes}): {', '.join(s.class_names[:20])}{' …' if s.num_classes > 20 else ''}",
+            f"- preprocessing: {s.color}, resize {s.resize_size} → {s.crop} {s.image_size}px, {s.interpolation},"
+            f" mean {s.mean}, std {s.std}",
+            f"- backends: {', '.join(m.backends())}",
+        ]
+        if m.metrics.get("accuracy") is not None:
+            lines.append(f"- {m.metrics.get('eval_split', 'held-out')} accuracy: {100 * m.metrics['accuracy']:.2f} %")
+        report = m.export_dir / "report.md" if m.export_dir else None
+        if report and report.is_file():
+            lines += ["", report.read_text()]
+        return "\n".join(lines)
+
+
+def build_ui(app: Demo) -> gr.Blocks:
+    names = list(app.models)
+    first = app.models[names[0]]
+    with gr.Blocks(title="Classifier demo: every backend side by side") as ui:
+        gr.Markdown("# Image classifier — PyTorch vs TorchScript vs ONNX fp32 vs ONNX INT8")
+        model = gr.Dropdown(names, value=names[0], label="model")
+        with gr.Tab("Predict"):
+            with gr.Row():
+                with gr.Column():
+                    file = gr.File(label="image file", file_types=["image"], type="filepath", elem_id="upload")
+                    camera = gr.Image(
+                        label="or webcam / paste", type="filepath", image_mode=None, sources=["webcam", "clipboard"]
+                    )
+                    backends = gr.CheckboxGroup(list(BACKENDS), value=first.backends(), label="backends")
+                    topk = gr.Slider(1, 10, value=5, step=1, label="top-k")
+                    go = gr.Button("Classify", variant="primary", elem_id="classify")
+                with gr.Column():
+                    label = gr.Label(label="prediction (first backend)", elem_id="label")
+                    badge = gr.Markdown(elem_id="badge")
+                    table = gr.Dataframe(
+                        headers=["backend", "top-1", "prob", "preprocess ms", "inference ms"],
+                        label="per backend",
+                        interactive=False,
+                    )
+                    view = gr.Image(label="what the model sees (after resize/crop)", interactive=False)
+            ex = example_files(first)
+            if ex:
+                gr.Examples([[str(p)] for p in ex], inputs=[file], label="held-out examples")
+            go.click(
+                app.predict, [file, camera, model, backends, topk], [label, table, badge, view], api_name="predict"
+            )
+        with gr.Tab("Compare"):
+            cfile = gr.File(label="image file", file_types=["image"], type="filepath", elem_id="compare-upload")
+            cgo = gr.Button("Run every backend", variant="primary", elem_id="compare-go")
+            outs = []
+            with gr.Row():
+                for b in BACKENDS:
+                    with gr.Column(min_width=200):
+                        outs.append(gr.Label(label=b, num_top_classes=3, elem_classes=["compare-label"]))
+                        outs.append(gr.Markdown(elem_classes=["compare-time"]))
+            cgo.click(app.compare, [cfile, model], outs, api_name="compare")
+        with gr.Tab("Benchmark"):
+            n = gr.Slider(8, 512, value=64, step=8, label="held-out images")
+            bgo = gr.Button("Run benchmark", variant="primary")
+            btable = gr.Dataframe(
+                headers=["backend", "accuracy %", "agreement %", "p50 ms", "p95 ms", "img/s", "size MB"],
+                interactive=False,
+            )
+            bplot = gr.Plot()
+            bgo.click(
+                app.benchmark,
+                [model, n],
+                [btable, bplot],
+                api_name="benchmark",
+                concurrency_limit=1,
+                concurrency_id="timing",
+            )
+        with gr.Tab("Model card"):
+            card = gr.Markdown(app.card(names[0]))
+        model.change(app.card, model, card, api_name="model_card")
+        model.change(lambda n: gr.CheckboxGroup(value=app.models[n].backends()), model, backends, api_name=False)
+    return ui
+
+
+def load_models(args: argparse.Namespace) -> dict[str, ServedModel]:
+    models = discover(ARTIFACTS, args.model)
+    if not models:
+        print("no trained models under artifacts/runs: serving the pretrained ImageNet EfficientNet-Lite0")
+        models = {m.name: m for m in [served_from_path(imagenet_fallback())]}
+    return models
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = get_args_parser().parse_args(argv)
+    if args.max_file_mb <= 0 or args.queue_size < 1 or args.concurrency < 1:
+        raise UserError("--max-file-mb, --queue-size and --concurrency must be positive")
+    app = Demo(load_models(args), args.threads)
+    ui = build_ui(app)
+    ui.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
+    print(f"serving {len(app.models)} model(s): {', '.join(app.models)}", flush=True)
+    try:
+        ui.launch(
+            server_name=args.host,
+            server_port=args.port,
+            share=args.share,
+            show_error=True,
+            max_file_size=int(args.max_file_mb * 1024 * 1024),
+            enable_monitoring=False,
+            ssr_mode=False,
+            allowed_paths=[str(d) for d in {p.parent for m in app.models.values() for p in example_files(m)}],
+            footer_links=["api"],
+        )
+    except OSError as e:
+        raise UserError(f"cannot listen on {args.host}:{args.port} ({e}); choose another --port") from None
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(run_cli(main))

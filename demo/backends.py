@@ -1,0 +1,148 @@
+"""What the demo serves: discovered models, their backends loaded lazily and cached per process, and
+fair timing (one decode + one preprocessing shared by every backend)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from core.checkpoint import load_checkpoint
+from core.errors import UserError
+from core.images import load_image
+from core.preprocess import model_view, preprocess
+from core.spec import ModelSpec
+from export.runtime import OnnxClassifier, top_k
+
+BACKENDS = ("pytorch", "torchscript", "onnx_fp32", "onnx_int8")
+FILES = {"torchscript": "model.pt", "onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx"}
+
+
+@dataclass
+class ServedModel:
+    name: str
+    checkpoint: Path | None
+    export_dir: Path | None
+    spec: ModelSpec
+    metrics: dict = field(default_factory=dict)
+    onnx_only: Path | None = None  # a bare .onnx given with --model
+
+    def backends(self) -> list[str]:
+        if self.onnx_only:
+            return ["onnx_int8" if ".int8" in self.onnx_only.name else "onnx_fp32"]
+        have = ["pytorch"] if self.checkpoint else []
+        return have + [b for b, f in FILES.items() if self.export_dir and (self.export_dir / f).is_file()]
+
+    def path(self, backend: str) -> Path:
+        if self.onnx_only:
+            return self.onnx_only
+        return self.checkpoint if backend == "pytorch" else self.export_dir / FILES[backend]
+
+
+class Runners:
+    """(model, backend) -> a callable on preprocessed batches; loaded on first use, thread-safe."""
+
+    def __init__(self, threads: int = 2) -> None:
+        self.threads, self._cache, self._lock = threads, {}, threading.Lock()
+
+    def get(self, m: ServedModel, backend: str) -> Callable[[np.ndarray], np.ndarray]:
+        key = (m.name, backend)
+        with self._lock:
+            if key not in self._cache:
+                run = self._load(m, backend)
+                run(np.zeros((1, m.spec.in_channels, m.spec.image_size, m.spec.image_size), np.float32))  # warm
+                self._cache[key] = run
+            return self._cache[key]
+
+    def _load(self, m: ServedModel, backend: str):
+        if backend not in m.backends():
+            raise UserError(f"backend {backend} is not available for {m.name}; choose from {m.backends()}")
+        path = m.path(backend)
+        if backend.startswith("onnx"):
+            clf = OnnxClassifier(path, self.threads, spec=m.spec)
+            return clf.logits
+        import torch
+
+        torch.set_num_threads(self.threads)
+        if backend == "pytorch":
+            from core.checkpoint import load_model
+
+            module = load_model(path)[0]
+        else:
+            from export.to_torchscript import load_torchscript
+
+            module = load_torchscript(path)[0]
+
+        @torch.no_grad()
+        def run(x: np.ndarray) -> np.ndarray:
+            return module(torch.from_numpy(x)).float().numpy()
+
+        return run
+
+
+@dataclass
+class Prediction:
+    backend: str
+    top: list[tuple[str, float]]
+    inference_ms: float
+
+
+def prepare(source, spec: ModelSpec):
+    """Decode once (defensively) and preprocess once: (network input [1,C,S,S], crop preview, ms)."""
+    t = time.perf_counter()
+    im = load_image(source)
+    view = model_view(im, spec)
+    x = preprocess(im, spec)[None]
+    return x, view, 1e3 * (time.perf_counter() - t)
+
+
+def run_backends(runners: Runners, m: ServedModel, backends: list[str], x: np.ndarray, k: int) -> list[Prediction]:
+    out = []
+    for b in backends:
+        run = runners.get(m, b)
+        t = time.perf_counter()
+        logits = run(x)[0]
+        out.append(Prediction(b, top_k(logits, m.spec.class_names, k), 1e3 * (time.perf_counter() - t)))
+    return out
+
+
+def discover(root: Path, explicit: list[str] | None) -> dict[str, ServedModel]:
+    """Every run under root/runs with a best.pt (and its export/), or the models named by --model."""
+    found: dict[str, ServedModel] = {}
+    sources = (
+        [Path(p) for p in explicit]
+        if explicit
+        else sorted(
+            (p for p in (root / "runs").glob("*/best.pt") if p.parent.name != "latest" and not p.parent.is_symlink()),
+            key=lambda p: p.stat().st_mtime,
+            reverse=True,
+        )
+    )
+    for src in sources:
+        m = served_from_path(src)
+        found[m.name] = m
+    return found
+
+
+def served_from_path(p: Path) -> ServedModel:
+    if not p.exists():
+        raise UserError(f"--model {p} does not exist")
+    if p.is_dir():
+        p = p / "best.pt" if (p / "best.pt").is_file() else p
+    if p.suffix in (".onnx",):
+        clf = OnnxClassifier(p)
+        return ServedModel(p.stem, None, None, clf.spec, onnx_only=p)
+    if p.suffix in (".pt", ".ptl") and p.name.startswith("model"):
+        from export.to_torchscript import load_torchscript
+
+        _, spec_json = load_torchscript(p)
+        if not spec_json:
+            raise UserError(f"{p}: no model spec inside; serve its checkpoint or .onnx instead")
+        return ServedModel(p.stem, None, p.parent, ModelSpec.from_json(spec_json))
+    ck = load_checkpoint(p)
+    export = p.parent / "export"
+    return ServedModel(p.parent.name, p, export if export.is_dir() else None, ck.spec, ck.metrics)
