@@ -16,6 +16,7 @@ from pathlib import Path
 
 import gradio as gr
 import numpy as np
+from PIL import Image
 
 from core.errors import UserError, run_cli
 from core.images import ImageError
@@ -71,6 +72,8 @@ class Demo:
             if len(tops) == 1
             else "⚠️ backends disagree: " + ", ".join(f"{p.backend} → {p.top[0][0]}" for p in preds)
         )
+        scale = max(1, 224 // max(view.size))  # small inputs (digits, CIFAR) shown enlarged, pixels kept sharp
+        view = view.resize((view.width * scale, view.height * scale), Image.Resampling.NEAREST)
         return dict(preds[0].top), rows, badge, np.asarray(view)
 
     def compare(self, file: str | None, name: str):

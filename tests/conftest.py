@@ -51,3 +51,79 @@ def make_folder(root: Path, per_class: int = 10, odd_files: bool = True, seed: i
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "data")
+
+
+@pytest.fixture(scope="session")
+def trained_run(tmp_path_factory) -> Path:
+    """One tiny trained run (cnn_small on generated folders) shared by export and demo tests."""
+    import os
+
+    from core.errors import run_cli
+    from training import train
+
+    root = tmp_path_factory.mktemp("exp")
+    old = os.getcwd()
+    os.chdir(root)
+    try:
+        make_folder(root / "data", per_class=12, odd_files=False)
+        argv = [
+            "--data",
+            str(root / "data"),
+            "--mode",
+            "scratch",
+            "--model",
+            "cnn_small",
+            "--epochs",
+            "4",
+            "--lr",
+            "0.01",
+            "--name",
+            "m",
+            "--image-size",
+            "32",
+            "--batch-size",
+            "8",
+            "--workers",
+            "0",
+            "--no-progress",
+        ]
+        assert run_cli(train.main, argv) == 0
+    finally:
+        os.chdir(old)
+    return root / "artifacts/runs/m"
+
+
+@pytest.fixture(scope="session")
+def exported_run(trained_run: Path) -> Path:
+    """trained_run plus its full export (relaxed INT8 budget: a 4-epoch toy model is not the point here)."""
+    import os
+
+    from core.errors import run_cli
+    from export import to_onnx
+
+    if not (trained_run / "export" / "report.json").is_file():
+        old = os.getcwd()
+        os.chdir(trained_run.parent.parent.parent)
+        try:
+            code = run_cli(
+                to_onnx.main,
+                [
+                    "--checkpoint",
+                    str(trained_run / "best.pt"),
+                    "--calib-images",
+                    "24",
+                    "--threads",
+                    "1",
+                    "--min-agreement",
+                    "90",
+                    "--max-drop",
+                    "10",
+                    "--max-class-drop",
+                    "30",
+                    "--embed-preprocessing",
+                ],
+            )
+        finally:
+            os.chdir(old)
+        assert code == 0
+    return trained_run

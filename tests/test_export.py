@@ -12,41 +12,11 @@ from export import to_onnx, to_torchscript
 from export.onnx_io import export_onnx, run_onnx, simplify
 from export.runtime import OnnxClassifier, check_external_data
 from export.validate import cycled_logits
-from tests.test_train import run_train
 
 
 @pytest.fixture(scope="module")
-def run_dir(tmp_path_factory):
-    """One tiny trained run (cnn_small on generated folders) shared by the export tests."""
-    import os
-
-    from tests.conftest import make_folder
-
-    root = tmp_path_factory.mktemp("exp")
-    old = os.getcwd()
-    os.chdir(root)
-    try:
-        make_folder(root / "data", per_class=12, odd_files=False)
-        assert (
-            run_train(
-                "--data",
-                str(root / "data"),
-                "--mode",
-                "scratch",
-                "--model",
-                "cnn_small",
-                "--epochs",
-                "4",
-                "--lr",
-                "0.01",
-                "--name",
-                "m",
-            )
-            == 0
-        )
-    finally:
-        os.chdir(old)
-    return root / "artifacts/runs/m"
+def run_dir(trained_run):
+    return trained_run
 
 
 def one_shot(run_dir, *extra):

@@ -1,0 +1,177 @@
+"""The demo as users meet it: a real server process, its API through gradio_client, and a real browser."""
+
+import io
+import os
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from pathlib import Path
+
+import pytest
+from PIL import Image
+
+from tests.test_spec_and_images import bomb_png
+
+ROOT = Path(__file__).resolve().parents[1]
+CLASSES = {"blank", "circle", "stripes"}
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture(scope="module")
+def server(exported_run):
+    port = free_port()
+    log = open(exported_run.parent / "demo.log", "w")  # noqa: SIM115 - closed in teardown
+    proc = subprocess.Popen(
+        [
+            sys.executable,
+            str(ROOT / "demo/app.py"),
+            "--model",
+            str(exported_run),
+            "--port",
+            str(port),
+            "--queue-size",
+            "8",
+        ],
+        cwd=exported_run.parent.parent.parent,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+    )
+    url = f"http://127.0.0.1:{port}/"
+    for _ in range(120):
+        try:
+            urllib.request.urlopen(url, timeout=1)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError((exported_run.parent / "demo.log").read_text()[-2000:]) from None
+            time.sleep(0.5)
+    else:
+        proc.kill()
+        raise RuntimeError("demo did not start in 60 s")
+    yield url, exported_run
+    proc.terminate()
+    proc.wait(10)
+    log.close()
+
+
+@pytest.fixture(scope="module")
+def client(server):
+    from gradio_client import Client
+
+    return Client(server[0], verbose=False)
+
+
+def images(run: Path) -> list[Path]:
+    return sorted((run.parent.parent.parent / "data").rglob("*.png"))
+
+
+ALL = ["pytorch", "torchscript", "onnx_fp32", "onnx_int8"]
+
+
+def test_api_predict_every_backend(client, server):
+    from gradio_client import handle_file
+
+    for img in images(server[1])[::12][:3]:
+        label, table, badge, _ = client.predict(handle_file(str(img)), None, "m", ALL, 3, api_name="/predict")
+        assert label["label"] in CLASSES and len(label["confidences"]) == 3
+        rows = table["data"]
+        assert [r[0] for r in rows] == ALL
+        assert all(r[1] in CLASSES and r[3] >= 0 and r[4] > 0 for r in rows)  # preprocess ms, inference ms
+        fp32 = {r[0]: r[1] for r in rows}
+        assert fp32["pytorch"] == fp32["onnx_fp32"] == fp32["torchscript"]
+        assert "agree" in badge or "disagree" in badge
+
+
+def malformed(tmp: Path) -> dict[str, Path]:
+    buf = io.BytesIO()
+    Image.new("RGB", (64, 64), (10, 200, 30)).save(buf, "PNG")
+    files = {
+        "text.jpg": b"<html>not an image</html>",
+        "zero.png": b"",
+        "bomb.png": bomb_png(13000, 13000),
+        "truncated.png": buf.getvalue()[:120],
+    }
+    for name, data in files.items():
+        (tmp / name).write_bytes(data)
+    return {n: tmp / n for n in files}
+
+
+def test_api_malformed_uploads_get_clear_errors_and_server_keeps_serving(client, server, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    expected = {
+        "text.jpg": "not a supported image",
+        "zero.png": "empty",
+        "bomb.png": "MP",
+        "truncated.png": "truncated",
+    }
+    for name, path in malformed(tmp_path).items():
+        t = time.perf_counter()
+        with pytest.raises(AppError, match=expected[name]):
+            client.predict(handle_file(str(path)), None, "m", ["onnx_fp32"], 3, api_name="/predict")
+        assert time.perf_counter() - t < 5
+    label, *_ = client.predict(handle_file(str(images(server[1])[0])), None, "m", ["onnx_int8"], 1, api_name="/predict")
+    assert label["label"] in CLASSES
+
+
+def test_api_compare_benchmark_and_card(client, server):
+    from gradio_client import handle_file
+
+    out = client.predict(handle_file(str(images(server[1])[5])), "m", api_name="/compare")
+    labels, times = out[0::2], out[1::2]
+    assert all(lab["label"] in CLASSES for lab in labels) and all("inference" in t for t in times)
+    table, _ = client.predict("m", 8, api_name="/benchmark")
+    assert [r[0] for r in table["data"]] == ALL and all(r[2] >= 90 for r in table["data"][:3])
+    card = client.predict("m", api_name="/model_card")
+    assert "cnn_small" in card and "Export validation" in card
+
+
+def test_browser_upload_classify_and_compare(server):
+    from playwright.sync_api import sync_playwright
+
+    url, run = server
+    shots = ROOT / "artifacts" / "screenshots"
+    shots.mkdir(parents=True, exist_ok=True)
+    flags = [
+        "--headless",
+        "--no-sandbox",
+        "--disable-gpu",
+        "--disable-background-networking",
+        "--disable-component-update",
+        "--no-first-run",
+    ]
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        page.goto(url)
+        first = images(run)[0]
+        page.locator("#upload input[type=file]").set_input_files(str(first))
+        page.locator("#upload").get_by_text(first.name).wait_for(timeout=15_000)  # upload finished
+        page.locator("#classify").click()
+        page.wait_for_function("() => /agree/.test(document.querySelector('#badge')?.innerText || '')", timeout=30_000)
+        assert any(c in page.locator("#label").inner_text() for c in CLASSES)
+        page.screenshot(path=str(shots / "predict.png"), full_page=True)
+        page.get_by_role("tab", name="Compare").click()
+        other = images(run)[13]
+        page.locator("#compare-upload input[type=file]").set_input_files(str(other))
+        page.locator("#compare-upload").get_by_text(other.name).wait_for(timeout=15_000)
+        page.locator("#compare-go").click()
+        # gradio puts elem_classes on a wrapper and on the inner element: count the innermost ones
+        inner = "[...document.querySelectorAll('.compare-time')].filter(e => !e.querySelector('.compare-time'))"
+        page.wait_for_function(f"() => {inner}.filter(e => /inference/.test(e.innerText)).length === 4", timeout=30_000)
+        labels = page.evaluate(
+            "() => [...document.querySelectorAll('.compare-label')]"
+            ".filter(e => !e.querySelector('.compare-label')).map(e => e.innerText)"
+        )
+        assert len(labels) == 4 and all(any(c in t for c in CLASSES) for t in labels)
+        page.screenshot(path=str(shots / "compare.png"), full_page=True)
+        browser.close()
