@@ -102,6 +102,7 @@ def extract_features(
     device: torch.device,
     batch_size: int = 32,
     desc: str = "features",
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     backbone = backbone.eval()
     feats, labels = [], []
@@ -116,7 +117,9 @@ def extract_features(
                 )
         run = run or _torch_runner(backbone.to(device), device)
         total = -(-len(split) // batch_size)
-        for x, keep in tqdm(_batches(split, spec, batch_size), total=total, desc=desc, leave=False):
+        for x, keep in tqdm(
+            _batches(split, spec, batch_size), total=total, desc=desc, leave=False, disable=not progress
+        ):
             feats.append(run(x))
             labels += [split.labels[i] for i in keep]
     if not feats:
@@ -132,12 +135,13 @@ def cached_features(
     name: str,
     cache_dir: Path,
     device: torch.device,
+    progress: bool = True,
 ) -> tuple[np.ndarray, np.ndarray]:
     path = cache_dir / f"{spec.arch}-{name}-{cache_key(spec, weights, split)}.npz"
     if path.is_file():
         with np.load(path) as z:
             return z["x"], z["y"]
-    x, y = extract_features(backbone, spec, split, device, desc=f"features[{name}]")
+    x, y = extract_features(backbone, spec, split, device, desc=f"features[{name}]", progress=progress)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}.npz")
     np.savez(tmp, x=x, y=y)

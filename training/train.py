@@ -141,6 +141,7 @@ class Batches:
                 name,
                 ARTIFACTS / "cache" / "features",
                 self.device,
+                progress=not self.args.no_progress,
             )
             fl = features.FeatureLoader(x, y, self.args.batch_size, shuffle=train, seed=self.args.seed)
             fl.epoch = epoch

@@ -1,0 +1,120 @@
+"""Load test a running demo: concurrency levels for a fixed duration, latency percentiles, errors, RSS.
+
+    python demo/app.py --model artifacts/runs/NAME &            # start the server first
+    python demo/loadtest.py --url http://127.0.0.1:7860/ --backend onnx_int8 --levels 1 4 8 16 --seconds 30
+
+Client-side latency includes Gradio's queue and HTTP; `server ms` is what the app itself measured
+(decode + preprocess + inference) for the same requests. Only talks to the URL it is given (use loopback).
+"""
+
+from __future__ import annotations
+
+import argparse
+import io
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import numpy as np
+from PIL import Image
+
+
+def make_jpeg(path: Path, side: int = 1024) -> Path:
+    """A 1-megapixel photo-like JPEG (smooth gradients + texture), the size phones upload after resizing."""
+    rng = np.random.default_rng(0)
+    yy, xx = np.mgrid[:side, :side] / side
+    rgb = np.stack([np.sin(6 * xx) * 80 + 120, np.cos(5 * yy) * 70 + 110, (xx + yy) * 60 + 60], -1)
+    rgb += rng.normal(0, 12, rgb.shape)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(rgb, 0, 255).astype(np.uint8)).save(buf, "JPEG", quality=90)
+    path.write_bytes(buf.getvalue())
+    return path
+
+
+def rss_mb(pid: int | None) -> float:
+    if not pid:
+        return float("nan")
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def worker(url: str, image: str, model: str, backend: str, deadline: float, out: list, lock: threading.Lock):
+    from gradio_client import Client, handle_file
+
+    client = Client(url, verbose=False)
+    while time.perf_counter() < deadline:
+        t = time.perf_counter()
+        try:
+            _, table, _, _ = client.predict(handle_file(image), None, model, [backend], 1, api_name="/predict")
+            row = table["data"][0]
+            rec = ("ok", time.perf_counter() - t, float(row[3]) + float(row[4]))
+        except Exception as e:
+            kind = "queue_full" if "queue" in str(e).lower() and "full" in str(e).lower() else "error"
+            rec = (kind, time.perf_counter() - t, float("nan"))
+        with lock:
+            out.append(rec)
+
+
+def run_level(url: str, image: str, model: str, backend: str, clients: int, seconds: float) -> dict:
+    out: list = []
+    lock = threading.Lock()
+    deadline = time.perf_counter() + seconds
+    threads = [
+        threading.Thread(target=worker, args=(url, image, model, backend, deadline, out, lock)) for _ in range(clients)
+    ]
+    t0 = time.perf_counter()
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    wall = time.perf_counter() - t0
+    ok = np.array([r[1] for r in out if r[0] == "ok"]) * 1e3
+    server = np.array([r[2] for r in out if r[0] == "ok"])
+    pct = lambda a, q: float(np.percentile(a, q)) if len(a) else float("nan")  # noqa: E731
+    return {
+        "clients": clients,
+        "requests": len(out),
+        "ok": len(ok),
+        "req_per_s": len(ok) / wall,
+        "p50_ms": pct(ok, 50),
+        "p95_ms": pct(ok, 95),
+        "p99_ms": pct(ok, 99),
+        "server_p50_ms": pct(server, 50),
+        "queue_full": sum(r[0] == "queue_full" for r in out),
+        "errors": sum(r[0] == "error" for r in out),
+        "queue_full_p50_ms": pct(np.array([r[1] for r in out if r[0] == "queue_full"]) * 1e3, 50),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--url", default="http://127.0.0.1:7860/")
+    p.add_argument("--model", required=True, help="served model name (the model dropdown value)")
+    p.add_argument("--backend", default="onnx_int8")
+    p.add_argument("--image", help="image to send (default: a generated 1-megapixel JPEG)")
+    p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
+    p.add_argument("--seconds", type=float, default=30.0)
+    p.add_argument("--server-pid", type=int, help="server process id, to report its RSS before/after")
+    args = p.parse_args(argv)
+    model = args.model
+    image = args.image or str(make_jpeg(Path(tempfile.mkdtemp()) / "1mp.jpg"))
+    before = rss_mb(args.server_pid)
+    print("| clients | requests | ok | req/s | p50 ms | p95 ms | p99 ms | server p50 ms | queue full | errors |")
+    print("|---|---|---|---|---|---|---|---|---|---|")
+    for level in args.levels:
+        r = run_level(args.url, image, model, args.backend, level, args.seconds)
+        print(
+            f"| {r['clients']} | {r['requests']} | {r['ok']} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | "
+            f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_p50_ms']:.1f} | {r['queue_full']} | "
+            f"{r['errors']} |",
+            flush=True,
+        )
+    print(f"server RSS: {before:.0f} MB before, {rss_mb(args.server_pid):.0f} MB after")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
