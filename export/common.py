@@ -111,12 +111,13 @@ def _balanced_subset(labels: list[int], n: int, seed: int = 0) -> list[int]:
     return sorted(out)
 
 
-def sample_images(spec: ModelSpec, n: int) -> Images:
-    """For the ImageNet model: random crops and flips of scikit-learn's sample photos (no labels)."""
+def sample_images(spec: ModelSpec, n: int, seed: int) -> Images:
+    """For the ImageNet model: random crops and flips of scikit-learn's sample photos (no labels).
+    Calibration and held-out sets use different seeds, so they share no crop."""
     from PIL import Image
     from sklearn.datasets import load_sample_images
 
-    rng = np.random.default_rng(0)
+    rng = np.random.default_rng(seed)
     photos = [Image.fromarray(a) for a in load_sample_images().images]
     xs = []
     for k in range(n):
@@ -134,8 +135,8 @@ def data_for(ckpt: Checkpoint, calib_n: int, heldout_n: int) -> tuple[Images | N
     a = ckpt.args
     if a.get("data") == "imagenet-samples":
         return (
-            sample_images(ckpt.spec, calib_n) if calib_n > 0 else None,
-            sample_images(ckpt.spec, heldout_n + 7)[-heldout_n:],
+            sample_images(ckpt.spec, calib_n, seed=1) if calib_n > 0 else None,
+            sample_images(ckpt.spec, heldout_n if heldout_n > 0 else 256, seed=2),
             "random crops of scikit-learn sample photos (no labels: agreement with PyTorch only)",
         )
     src = load_source(

@@ -149,3 +149,17 @@ def test_export_bad_inputs(tmp_path, capsys):
     assert run_cli(to_onnx.main, ["--checkpoint", str(tmp_path / "missing.pt")]) == 2
     err = capsys.readouterr().err
     assert "not a PyTorch checkpoint" in err and "does not exist" in err
+
+
+def test_imagenet_fallback_checkpoint_and_its_images(tmp_path, monkeypatch):
+    """A fresh machine has no run: export/demo fall back to the offline ImageNet Lite0 and real sample photos."""
+    from core.checkpoint import load_checkpoint
+    from export import common
+
+    monkeypatch.setattr(common, "IMAGENET_DIR", tmp_path / "imagenet")
+    ck = load_checkpoint(common.imagenet_lite0_checkpoint())
+    assert ck.spec.num_classes == 1000 and ck.spec.class_names[0] == "tench"
+    calib, held, desc = common.data_for(ck, 8, 6)
+    assert calib.x.shape == (8, 3, 224, 224) and held.x.shape == (6, 3, 224, 224)
+    assert (held.y == -1).all() and "no labels" in desc
+    assert not any(np.allclose(c, h) for c in calib.x for h in held.x)  # disjoint crops
