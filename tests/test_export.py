@@ -163,3 +163,17 @@ def test_imagenet_fallback_checkpoint_and_its_images(tmp_path, monkeypatch):
     assert calib.x.shape == (8, 3, 224, 224) and held.x.shape == (6, 3, 224, 224)
     assert (held.y == -1).all() and "no labels" in desc
     assert not any(np.allclose(c, h) for c in calib.x for h in held.x)  # disjoint crops
+
+
+def test_budget_gates():
+    from export.quantize import Budget, compare, fits
+
+    rng = np.random.default_rng(0)
+    ref = rng.normal(size=(100, 2)).astype(np.float32)
+    labels = ref.argmax(1)  # fp32 is 100 % accurate here
+    flipped = ref.copy()
+    flipped[:3] = flipped[:3, ::-1]  # INT8 changes three predictions
+    s = compare(ref, flipped, labels)
+    assert s["agreement"] == 97.0 and s["drop"] == pytest.approx(3.0)
+    assert not fits(s, Budget()) and fits(s, Budget(max_drop=3.0, min_agreement=97.0, max_class_drop=10.0))
+    assert compare(ref, ref, labels)["worst_class_drop"] == 0.0 and fits(compare(ref, ref, labels), Budget())
