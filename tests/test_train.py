@@ -234,3 +234,44 @@ def test_predict_topk_json_grid_and_bad_file(trained, tiny_folder, workdir, caps
     assert (workdir / "g.png").is_file()
     assert run_cli(predict.main, [str(tiny_folder / "circle"), "--topk", "1"]) == 0
     assert capsys.readouterr().out.count("circle/") >= 10
+
+
+def test_torchvision_weights_offline_give_clear_error(workdir, tiny_folder, monkeypatch, capsys):
+    import urllib.error
+
+    import torch
+
+    def offline(*a, **k):
+        raise urllib.error.URLError("no network")
+
+    monkeypatch.setenv("TORCH_HOME", str(workdir / "torch-home"))
+    monkeypatch.setattr(torch.hub, "load_state_dict_from_url", offline)
+    assert run_train("--data", str(tiny_folder), "--model", "resnet18", "--mode", "finetune") == 2
+    err = capsys.readouterr().err
+    assert "cannot download resnet18 weights" in err and "resnet18-f37072fd.pth" in err and "--weights" in err
+    assert not (workdir / "artifacts/runs").exists()  # nothing half-written
+
+
+def test_torchvision_weights_from_file(workdir, tiny_folder):
+    import torch
+    import torchvision
+
+    torch.save(torchvision.models.mobilenet_v2().state_dict(), workdir / "mnv2.pth")
+    assert (
+        run_train(
+            "--data",
+            str(tiny_folder),
+            "--model",
+            "mobilenet_v2",
+            "--mode",
+            "transfer",
+            "--weights",
+            str(workdir / "mnv2.pth"),
+            "--epochs",
+            "1",
+            "--name",
+            "w",
+        )
+        == 0
+    )
+    assert json.loads((workdir / "artifacts/runs/w/meta.json").read_text())["args"]["weights"].endswith("mnv2.pth")
