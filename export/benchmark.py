@@ -15,9 +15,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.errors import UserError, run_cli
-from export.common import data_for, default_checkpoint, load_source_model
-from export.validate import ARTIFACTS, cycled_logits, existing_artifacts, runner, torch_runner
+from core.errors import run_cli
+from export.common import exported
+from export.validate import cycled_logits, runner, torch_runner
 from training.runs import write_json
 
 
@@ -165,13 +165,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    path = default_checkpoint(args.checkpoint)
-    model, ck = load_source_model(path)
-    d = args.export_dir or path.parent / "export"
-    paths = existing_artifacts(d)
-    if not paths:
-        raise UserError(f"no exported models in {d} (expected {', '.join(ARTIFACTS.values())})")
-    _, held, _ = data_for(ck, 0, args.max_images)
+    model, path, d, paths, held, _ = exported(args.checkpoint, args.export_dir, args.max_images)
     rows = benchmark(model, path, paths, held.x, held.y, args.threads, args.runs)
     print(write_outputs(rows, d, device_line(args.threads)))
     return 0

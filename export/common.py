@@ -161,3 +161,18 @@ def data_for(ckpt: Checkpoint, calib_n: int, heldout_n: int) -> tuple[Images | N
 
 def load_source_model(path: Path) -> tuple[torch.nn.Module, Checkpoint]:
     return load_model(path)
+
+
+def exported(checkpoint: str | None, export_dir: Path | None, max_images: int):
+    """What validate.py and benchmark.py start from: (model, checkpoint path, export folder, its artifacts,
+    held-out images, their description)."""
+    from export.validate import existing_artifacts
+
+    path = default_checkpoint(checkpoint)
+    model, ck = load_source_model(path)
+    d = export_dir or path.parent / "export"
+    paths = existing_artifacts(d)
+    if not paths:
+        raise UserError(f"no exported models in {d}; run export/to_onnx.py first")
+    _, held, desc = data_for(ck, 0, max_images)
+    return model, path, d, paths, held, desc

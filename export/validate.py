@@ -18,8 +18,8 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.errors import UserError, run_cli
-from export.common import Images, data_for, default_checkpoint, load_source_model
+from core.errors import run_cli
+from export.common import Images
 from export.quantize import Budget, compare, fits
 from export.runtime import make_session
 from training.runs import write_json
@@ -167,13 +167,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    path = default_checkpoint(args.checkpoint)
-    model, ck = load_source_model(path)
-    d = args.export_dir or path.parent / "export"
-    paths = existing_artifacts(d)
-    if not paths:
-        raise UserError(f"no exported models in {d}; run export/to_onnx.py first")
-    _, held, desc = data_for(ck, 0, args.max_images)
+    from export.common import exported
+
+    model, _, d, paths, held, desc = exported(args.checkpoint, args.export_dir, args.max_images)
     rep = validate(
         model, held, paths, Budget(args.max_drop, args.min_agreement, args.max_class_drop), args.threads, desc
     )
