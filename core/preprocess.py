@@ -46,7 +46,12 @@ def resize_crop(im: Image.Image, spec: ModelSpec) -> Image.Image:
 
 
 def model_view(im: Image.Image, spec: ModelSpec) -> Image.Image:
-    """The exact pixels the network sees (before normalisation): used for the demo's crop preview."""
+    """The exact pixels the network sees (before normalisation): used for the demo's crop preview.
+
+    Grayscale content stays one channel through the resize and is replicated at normalisation: resizing
+    three identical channels gives the same numbers at a third of the cost (a 1-megapixel upload)."""
+    if spec.color == "gray3" or (spec.color == "rgb" and im.mode == "L"):
+        return resize_crop(im.convert("L"), spec)
     return resize_crop(to_color(im, spec), spec)
 
 
@@ -54,7 +59,7 @@ def normalize(view: Image.Image, spec: ModelSpec) -> np.ndarray:
     a = np.asarray(view, dtype=np.float32) / 255.0
     if a.ndim == 2:
         a = a[:, :, None]
-    a = (a - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)
+    a = (a - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)  # 1 -> C channels
     return np.ascontiguousarray(a.transpose(2, 0, 1))
 
 

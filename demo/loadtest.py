@@ -53,7 +53,7 @@ def worker(url: str, image: str, model: str, backend: str, deadline: float, out:
             rec = ("ok", time.perf_counter() - t, float(row[3]) + float(row[4]))
         except Exception as e:
             kind = "queue_full" if "queue" in str(e).lower() and "full" in str(e).lower() else "error"
-            rec = (kind, time.perf_counter() - t, float("nan"))
+            rec = (kind, time.perf_counter() - t, float("nan"), f"{type(e).__name__}: {str(e)[:120]}")
         with lock:
             out.append(rec)
 
@@ -74,7 +74,9 @@ def run_level(url: str, image: str, model: str, backend: str, clients: int, seco
     ok = np.array([r[1] for r in out if r[0] == "ok"]) * 1e3
     server = np.array([r[2] for r in out if r[0] == "ok"])
     pct = lambda a, q: float(np.percentile(a, q)) if len(a) else float("nan")  # noqa: E731
+    first_error = next((r[3] for r in out if r[0] == "error"), "")
     return {
+        "first_error": first_error,
         "clients": clients,
         "requests": len(out),
         "ok": len(ok),
@@ -112,6 +114,8 @@ def main(argv: list[str] | None = None) -> int:
             f"{r['errors']} |",
             flush=True,
         )
+        if r["first_error"]:
+            print(f"  first error at {level} clients: {r['first_error']}")
     print(f"server RSS: {before:.0f} MB before, {rss_mb(args.server_pid):.0f} MB after")
     return 0
 
