@@ -222,7 +222,17 @@ def search(
             best = max((r for r in rows if "error" not in r), key=lambda r: r["agreement"], default=None)
             cfg = next((c for c in configs if best and c.name == best["config"]), configs[0])
             exclude = sensitive_nodes(pre, calib, cfg)
-            print(f"no configuration fits the budget; retrying without quantizing {exclude}")
+            # formats and activation types behave alike under exclusion: retry the closest configuration and
+            # its QOperator/QDQ twin only, instead of the whole search again
+            twin = QConfig(
+                "QOperator" if cfg.fmt == "QDQ" else "QDQ",
+                cfg.activations,
+                cfg.per_channel,
+                cfg.calibration,
+                cfg.reduce_range,
+            )
+            configs = (cfg, twin)
+            print(f"no configuration fits the budget; retrying {cfg.name} and {twin.name} without quantizing {exclude}")
         ok = [r for r in rows if r["fits"]]
         chosen = max(ok, key=lambda r: r["img_per_s"]) if ok else None
         if chosen is None and force:

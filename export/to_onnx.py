@@ -104,7 +104,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_torchscript:
         export_torchscript(model, ck, out)
     paths = validate.existing_artifacts(out)
-    ok = True
+    ok, known = True, {}
     if not args.no_validate:
         print("validation against the PyTorch checkpoint:")
         rep = validate.validate(
@@ -117,9 +117,10 @@ def main(argv: list[str] | None = None) -> int:
         )
         validate.write_report(rep, out)
         ok = rep["passed"]
+        known = {"pytorch": rep["pytorch_accuracy"], **{r["artifact"]: r["accuracy"] for r in rep["artifacts"]}}
     if not args.no_benchmark:
         print("benchmark:")
-        rows = benchmark(model, ck_path, paths, held.x, held.y, args.threads, 30)
+        rows = benchmark(model, ck_path, paths, held.x, held.y, args.threads, 30, known)
         print(write_outputs(rows, out, device_line(args.threads)))
     write_json(out / "export.json", {**summary, "seconds": round(time.perf_counter() - t0, 1)})
     for p in sorted(out.iterdir()):
