@@ -14,6 +14,11 @@ def run_train(*argv: str) -> int:
     return run_cli(train.main, [*argv, *FAST])
 
 
+def run_scratch(folder, *argv: str) -> int:
+    """The cheapest real training run: cnn_small from scratch on a generated folder."""
+    return run_train("--data", str(folder), "--mode", "scratch", "--model", "cnn_small", *argv)
+
+
 def read_history(run):
     with open(run / "history.csv") as f:
         return list(csv.DictReader(f))
@@ -51,13 +56,8 @@ def test_each_mode_trains_and_writes_a_self_describing_run(workdir, tiny_folder,
 
 def test_scratch_learns_the_synthetic_task(workdir, tiny_folder):
     assert (
-        run_train(
-            "--data",
-            str(tiny_folder),
-            "--mode",
-            "scratch",
-            "--model",
-            "cnn_small",
+        run_scratch(
+            tiny_folder,
             "--epochs",
             "12",
             "--lr",
@@ -95,13 +95,8 @@ def test_resume_continues_at_the_right_epoch_and_lr(workdir, tiny_folder):
 
 def test_resume_refuses_changed_options(workdir, tiny_folder, capsys):
     assert (
-        run_train(
-            "--data",
-            str(tiny_folder),
-            "--mode",
-            "scratch",
-            "--model",
-            "cnn_small",
+        run_scratch(
+            tiny_folder,
             "--epochs",
             "1",
             "--name",
@@ -163,13 +158,8 @@ def test_bad_input_is_one_clear_line(workdir, capsys, setup, argv, message):
 @pytest.fixture
 def trained(workdir, tiny_folder):
     assert (
-        run_train(
-            "--data",
-            str(tiny_folder),
-            "--mode",
-            "scratch",
-            "--model",
-            "cnn_small",
+        run_scratch(
+            tiny_folder,
             "--epochs",
             "3",
             "--lr",
