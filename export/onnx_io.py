@@ -144,7 +144,9 @@ def to_ort_format(path: Path, out: Path) -> Path:
     import onnxruntime as ort
 
     so = ort.SessionOptions()
-    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_BASIC  # portable across devices
+    # EXTENDED fusions (Conv+activation, ...) are CPU-EP generic, so the file stays portable to ARM phones;
+    # ENABLE_ALL would bake in x86 NCHWc layouts. BASIC measured 3.6x slower than .onnx on this CPU.
+    so.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_EXTENDED
     so.optimized_model_filepath = str(out)
     so.add_session_config_entry("session.save_model_format", "ORT")
     ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
