@@ -64,29 +64,53 @@ def export_onnx(
         x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
         axes = {0: "batch", 2: "height", 3: "width"} if dynamic_size else {0: "batch"}
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with warnings.catch_warnings():
-            warnings.simplefilter("ignore")
+    tries = [True] if dynamo else [False, True]  # the TorchScript exporter first; torch.export-based as fallback
+    errors = []
+    for use_dynamo in tries:
+        try:
+            _torch_export(model, x, tmp, axes, opset, use_dynamo)
+            break
+        except Exception as e:
+            tmp.unlink(missing_ok=True)
+            errors.append(f"{'dynamo' if use_dynamo else 'torchscript'} exporter: {str(e).splitlines()[0][:140]}")
+    else:
+        raise UserError(f"ONNX export failed at opset {opset} ({'; '.join(errors)}); try another --opset")
+    if len(errors) == 1 and not dynamo:
+        print(f"note: {errors[0]}; exported with the torch.export-based exporter instead")
+    onnx.checker.check_model(str(tmp), full_check=True)
+    os.replace(tmp, path)
+    return path
+
+
+def _torch_export(model: nn.Module, x: torch.Tensor, out: Path, axes: dict[int, str], opset: int, dynamo: bool):
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        if dynamo:
+            dims = {k: torch.export.Dim(v, min=1, max=4096) for k, v in axes.items()}
             torch.onnx.export(
                 model,
                 (x,),
-                str(tmp),
+                str(out),
+                input_names=["input"],
+                output_names=["logits"],
+                dynamic_shapes={"x": dims},
+                opset_version=max(opset, 18),
+                dynamo=True,
+                external_data=False,
+                verbose=False,
+            )
+        else:
+            torch.onnx.export(
+                model,
+                (x,),
+                str(out),
                 input_names=["input"],
                 output_names=["logits"],
                 dynamic_axes={"input": axes, "logits": {0: "batch"}},
                 opset_version=opset,
-                dynamo=dynamo,
-                external_data=False,
+                dynamo=False,
                 do_constant_folding=True,
             )
-    except Exception as e:
-        tmp.unlink(missing_ok=True)
-        msg = str(e).splitlines()[0][:160]
-        hint = f"; try --opset {min(opset + 2, 20)}" if "opset" in msg.lower() or "operator" in msg.lower() else ""
-        raise UserError(f"ONNX export failed at opset {opset}: {msg}{hint}") from None
-    onnx.checker.check_model(str(tmp), full_check=True)
-    os.replace(tmp, path)
-    return path
 
 
 def set_metadata(path: Path, spec: ModelSpec, extra: dict[str, object]) -> None:

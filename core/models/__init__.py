@@ -19,6 +19,7 @@ from core.models.classifier import HEADS, ImageClassifier, make_head
 from core.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite
 from core.models.pretrained import LITE0_WEIGHTS, lite0_imagenet_state_dict, load_state_dict_file
 from core.models.tv import torchvision_backbone
+from core.models.zoo import ZOO
 from core.spec import ModelSpec
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
@@ -123,6 +124,9 @@ for _name, _fn in (
     ("cnn_large", simple.cnn_large),
 ):
     register(ModelEntry(_name, _simple(_fn), 32, 8, (0.5,) * 3, (0.5,) * 3, None, "simple"))
+_ZOO_SIZES = {"mixer_s16": 224, "mobilenet_v1": 224, "mobilenet_v1_050": 224, "xception": 299, "darknet53": 256}
+for _name, (_fn, _min) in ZOO.items():
+    register(ModelEntry(_name, _simple(_fn), _ZOO_SIZES.get(_name, 32), _min, family="zoo"))
 for _name, _min in (
     ("resnet18", 32),
     ("resnet34", 32),
@@ -143,8 +147,19 @@ for _name, _min in (
     ("efficientnet_b0", 32),
     ("wide_resnet50_2", 32),
     ("regnet_y_400mf", 32),
+    ("squeezenet1_1", 32),
+    ("vit_b_16", 224),
 ):
-    register(ModelEntry(_name, _tv(_name), 299 if _name == "inception_v3" else 224, _min, default_weights="DEFAULT"))
+    register(
+        ModelEntry(
+            _name,
+            _tv(_name),
+            299 if _name == "inception_v3" else 224,
+            _min,
+            default_weights="DEFAULT",
+            extra={"fixed_size": _name == "vit_b_16"},
+        )  # ViT's position embeddings fix its input size
+    )
 
 
 def create_model(
@@ -161,6 +176,8 @@ def create_model(
 ) -> ImageClassifier:
     entry = get_entry(name)
     size = image_size or entry.default_size
+    if entry.extra.get("fixed_size") and size != entry.default_size:
+        raise UserError(f"{name} takes exactly {entry.default_size}x{entry.default_size} inputs; got {size}")
     if size < entry.min_size:
         raise UserError(f"{name} needs inputs of at least {entry.min_size}x{entry.min_size}; got {size}")
     if head not in HEADS:

@@ -47,6 +47,9 @@ def torchvision_backbone(arch: str, in_channels: int = 3, weights: str | None = 
             raise ValueError(f"weights do not fit {arch}: missing {missing[:3]}")
         model.load_state_dict({k: v for k, v in sd.items() if k in own})
     _set_in_channels(model, in_channels)
+    if arch.startswith("squeezenet"):  # its classifier is a 1x1 conv, not a Linear: pool the last Fire block
+        model.classifier = nn.Sequential(nn.AdaptiveAvgPool2d(1), nn.Flatten())
+        return model, 512, None
     name, fc = [(n, m) for n, m in model.named_modules() if isinstance(m, nn.Linear)][-1]
     head_sd = {"fc." + k: v for k, v in fc.state_dict().items()} if weights else None
     _replace(model, name, nn.Identity())
