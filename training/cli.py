@@ -8,7 +8,7 @@ from typing import Any
 
 from core.errors import UserError
 from core.models import list_models
-from core.models.classifier import HEADS
+from core.models.classifier import HEADS, INITS
 from core.spec import COLOR_MODES, CROP_MODES, INTERPOLATIONS
 from core.transforms import AUGMENTATIONS
 from training.engine import OPTIMIZERS, SCHEDULES
@@ -49,6 +49,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         "name (DEFAULT, IMAGENET1K_V1) or a .pth file; default per model",
     )
     g.add_argument("--head", choices=HEADS, default="linear")
+    g.add_argument("--init", choices=INITS, default="default", help="scratch: weight initialisation")
     g.add_argument("--hidden", type=int, default=256, help="MLP head width")
     g.add_argument("--dropout", type=float, help="head dropout (default per model)")
     g.add_argument(

@@ -21,6 +21,7 @@ from torch.utils.data import DataLoader
 from core.checkpoint import Checkpoint, atomic_torch_save, safe_torch_load, save_checkpoint
 from core.errors import UserError, run_cli
 from core.models import ModelEntry, arch_kwargs_for_spec, create_model, get_entry
+from core.models.classifier import init_weights
 from core.spec import ModelSpec
 from core.transforms import eval_transform, train_transform
 from training import features
@@ -346,6 +347,10 @@ def main(argv: list[str] | None = None) -> int:
         keep_pretrained_head=False,
         **spec.arch_kwargs,
     )
+    if args.mode == "scratch":
+        init_weights(model, args.init)
+    elif args.init != "default":
+        raise UserError("--init only applies to --mode scratch (pretrained weights would be overwritten)")
     if args.mode == "transfer":
         model.freeze_backbone()
     model.to(device)

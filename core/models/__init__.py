@@ -124,7 +124,14 @@ for _name, _fn in (
     ("cnn_large", simple.cnn_large),
 ):
     register(ModelEntry(_name, _simple(_fn), 32, 8, (0.5,) * 3, (0.5,) * 3, None, "simple"))
-_ZOO_SIZES = {"mixer_s16": 224, "mobilenet_v1": 224, "mobilenet_v1_050": 224, "xception": 299, "darknet53": 256}
+_ZOO_SIZES = {
+    "cyclemlp_b1": 224,
+    "mixer_s16": 224,
+    "mobilenet_v1": 224,
+    "mobilenet_v1_050": 224,
+    "xception": 299,
+    "darknet53": 256,
+}
 for _name, (_fn, _min) in ZOO.items():
     register(ModelEntry(_name, _simple(_fn), _ZOO_SIZES.get(_name, 32), _min, family="zoo"))
 for _name, _min in (

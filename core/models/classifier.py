@@ -8,6 +8,21 @@ import torch
 from torch import nn
 
 HEADS = ("linear", "mlp")
+INITS = ("default", "xavier", "kaiming")
+
+
+def init_weights(module: nn.Module, scheme: str) -> None:
+    """Re-initialise conv/linear weights (scratch training); seed 004 notes VGG needs Xavier to train."""
+    if scheme == "default":
+        return
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.Linear)):
+            if scheme == "xavier":
+                nn.init.xavier_uniform_(m.weight)
+            else:
+                nn.init.kaiming_normal_(m.weight, mode="fan_out", nonlinearity="relu")
+            if m.bias is not None:
+                nn.init.zeros_(m.bias)
 
 
 def make_head(
