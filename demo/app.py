@@ -50,7 +50,8 @@ class Demo:
         return self.models[name]
 
     def predict(self, file: str | None, camera: str | None, name: str, backends: list[str], topk: float):
-        """Top-k per backend, timings, agreement badge and the exact crop the network sees."""
+        """Top-k per backend, timings and the agreement badge (the crop preview is a separate, UI-only step so
+        API clients do not pay for writing and downloading an image on every request)."""
         source = file or camera
         if not source:
             raise gr.Error("upload an image first (or use the webcam/paste box)")
@@ -59,7 +60,7 @@ class Demo:
         if not chosen:
             raise gr.Error(f"none of {backends} is available for {name}; available: {m.backends()}")
         try:
-            x, view, pre_ms = prepare(source, m.spec)
+            x, _, pre_ms = prepare(source, m.spec)
             preds = run_backends(self.runners, m, chosen, x, int(topk))
         except (ImageError, UserError) as e:
             raise gr.Error(str(e)) from None
@@ -72,9 +73,19 @@ class Demo:
             if len(tops) == 1
             else "⚠️ backends disagree: " + ", ".join(f"{p.backend} → {p.top[0][0]}" for p in preds)
         )
-        scale = max(1, 224 // max(view.size))  # small inputs (digits, CIFAR) shown enlarged, pixels kept sharp
-        view = view.resize((view.width * scale, view.height * scale), Image.Resampling.NEAREST)
-        return dict(preds[0].top), rows, badge, np.asarray(view)
+        return dict(preds[0].top), rows, badge
+
+    def preview(self, file: str | None, camera: str | None, name: str):
+        """The exact crop the network sees, enlarged for small inputs (digits, CIFAR) with sharp pixels."""
+        source = file or camera
+        if not source:
+            return None
+        try:
+            _, view, _ = prepare(source, self.model(name).spec)
+        except (ImageError, UserError):
+            return None  # predict() already showed the error
+        scale = max(1, 224 // max(view.size))
+        return np.asarray(view.resize((view.width * scale, view.height * scale), Image.Resampling.NEAREST))
 
     def compare(self, file: str | None, name: str):
         """One image through every backend of the model: one Label and latency line per column."""
@@ -152,8 +163,8 @@ def build_ui(app: Demo) -> gr.Blocks:
             if ex:
                 gr.Examples([[str(p)] for p in ex], inputs=[file], label="held-out examples")
             go.click(
-                app.predict, [file, camera, model, backends, topk], [label, table, badge, view], api_name="predict"
-            )
+                app.predict, [file, camera, model, backends, topk], [label, table, badge], api_name="predict"
+            ).success(app.preview, [file, camera, model], view, api_name=False)
         with gr.Tab("Compare"):
             cfile = gr.File(label="image file", file_types=["image"], type="filepath", elem_id="compare-upload")
             cgo = gr.Button("Run every backend", variant="primary", elem_id="compare-go")

@@ -48,7 +48,7 @@ def worker(url: str, image: str, model: str, backend: str, deadline: float, out:
     while time.perf_counter() < deadline:
         t = time.perf_counter()
         try:
-            _, table, _, _ = client.predict(handle_file(image), None, model, [backend], 1, api_name="/predict")
+            _, table, _ = client.predict(handle_file(image), None, model, [backend], 1, api_name="/predict")
             row = table["data"][0]
             rec = ("ok", time.perf_counter() - t, float(row[3]) + float(row[4]))
         except Exception as e:

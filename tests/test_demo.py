@@ -80,7 +80,7 @@ def test_api_predict_every_backend(client, server):
     from gradio_client import handle_file
 
     for img in images(server[1])[::12][:3]:
-        label, table, badge, _ = client.predict(handle_file(str(img)), None, "m", ALL, 3, api_name="/predict")
+        label, table, badge = client.predict(handle_file(str(img)), None, "m", ALL, 3, api_name="/predict")
         assert label["label"] in CLASSES and len(label["confidences"]) == 3
         rows = table["data"]
         assert [r[0] for r in rows] == ALL
@@ -119,7 +119,9 @@ def test_api_malformed_uploads_get_clear_errors_and_server_keeps_serving(client,
         with pytest.raises(AppError, match=expected[name]):
             client.predict(handle_file(str(path)), None, "m", ["onnx_fp32"], 3, api_name="/predict")
         assert time.perf_counter() - t < 5
-    label, *_ = client.predict(handle_file(str(images(server[1])[0])), None, "m", ["onnx_int8"], 1, api_name="/predict")
+    label, _, _ = client.predict(
+        handle_file(str(images(server[1])[0])), None, "m", ["onnx_int8"], 1, api_name="/predict"
+    )
     assert label["label"] in CLASSES
 
 
