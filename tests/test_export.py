@@ -164,3 +164,19 @@ def test_budget_gates():
     assert s["agreement"] == 97.0 and s["drop"] == pytest.approx(3.0)
     assert not fits(s, Budget()) and fits(s, Budget(max_drop=3.0, min_agreement=97.0, max_class_drop=10.0))
     assert compare(ref, ref, labels)["worst_class_drop"] == 0.0 and fits(compare(ref, ref, labels), Budget())
+
+
+def test_runtime_needs_no_torch(exported_run):
+    """The deployment runtime must work where torch is not installed: block its import and classify."""
+    import subprocess
+    import sys
+
+    img = sorted((exported_run.parent.parent.parent / "data" / "circle").glob("*.png"))[0]
+    code = (
+        "import sys; sys.modules['torch'] = None; sys.modules['torchvision'] = None\n"
+        "from export.runtime import OnnxClassifier\n"
+        f"print(OnnxClassifier({str(exported_run / 'export/model.int8.onnx')!r}).classify({str(img)!r}, 1)[0][0])"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert out.returncode == 0, out.stderr[-500:]
+    assert out.stdout.strip() in {"blank", "circle", "stripes"}
