@@ -104,13 +104,15 @@ def main(argv: list[str] | None = None) -> int:
     model = args.model
     image = args.image or str(make_jpeg(Path(tempfile.mkdtemp()) / "1mp.jpg"))
     before = rss_mb(args.server_pid)
-    print("| clients | requests | ok | req/s | p50 ms | p95 ms | p99 ms | server p50 ms | queue full | errors |")
+    print(
+        "| clients | requests | ok | req/s | p50 ms | p95 ms | p99 ms | server p50 ms | queue full (p50 ms) | errors |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for level in args.levels:
         r = run_level(args.url, image, model, args.backend, level, args.seconds)
         print(
             f"| {r['clients']} | {r['requests']} | {r['ok']} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | "
-            f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_p50_ms']:.1f} | {r['queue_full']} | "
+            f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_p50_ms']:.1f} | {r['queue_full']} ({r['queue_full_p50_ms']:.0f}) | "
             f"{r['errors']} |",
             flush=True,
         )
