@@ -112,8 +112,8 @@ def main(argv: list[str] | None = None) -> int:
         r = run_level(args.url, image, model, args.backend, level, args.seconds)
         print(
             f"| {r['clients']} | {r['requests']} | {r['ok']} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | "
-            f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_p50_ms']:.1f} | {r['queue_full']} ({r['queue_full_p50_ms']:.0f}) | "
-            f"{r['errors']} |",
+            f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_p50_ms']:.1f} | "
+            f"{r['queue_full']} ({r['queue_full_p50_ms']:.0f}) | {r['errors']} |",
             flush=True,
         )
         if r["first_error"]:
