@@ -154,10 +154,11 @@ def test_browser_upload_classify_and_compare(server):
     with sync_playwright() as p:
         browser = p.chromium.launch(executable_path="/usr/bin/chromium", args=flags)
         page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        page.goto(url)
+        page.goto(url, wait_until="networkidle")  # the Svelte app must be hydrated before files are set
+        page.locator("#classify").wait_for(timeout=30_000)
         first = images(run)[0]
         page.locator("#upload input[type=file]").set_input_files(str(first))
-        page.locator("#upload").get_by_text(first.name).wait_for(timeout=15_000)  # upload finished
+        page.locator("#upload").get_by_text(first.name).wait_for(timeout=30_000)  # upload finished
         page.locator("#classify").click()
         page.wait_for_function("() => /agree/.test(document.querySelector('#badge')?.innerText || '')", timeout=30_000)
         assert any(c in page.locator("#label").inner_text() for c in CLASSES)
@@ -165,7 +166,7 @@ def test_browser_upload_classify_and_compare(server):
         page.get_by_role("tab", name="Compare").click()
         other = images(run)[13]
         page.locator("#compare-upload input[type=file]").set_input_files(str(other))
-        page.locator("#compare-upload").get_by_text(other.name).wait_for(timeout=15_000)
+        page.locator("#compare-upload").get_by_text(other.name).wait_for(timeout=30_000)
         page.locator("#compare-go").click()
         # gradio puts elem_classes on a wrapper and on the inner element: count the innermost ones
         inner = "[...document.querySelectorAll('.compare-time')].filter(e => !e.querySelector('.compare-time'))"
