@@ -66,11 +66,3 @@ def normalize(view: Image.Image, spec: ModelSpec) -> np.ndarray:
 def preprocess(im: Image.Image, spec: ModelSpec) -> np.ndarray:
     """Decoded image -> float32 CHW array, normalised, ready to batch."""
     return normalize(model_view(im, spec), spec)
-
-
-def preprocess_batch(images: list[Image.Image], spec: ModelSpec) -> np.ndarray:
-    return (
-        np.stack([preprocess(im, spec) for im in images])
-        if images
-        else np.zeros((0, spec.in_channels, spec.image_size, spec.image_size), np.float32)
-    )

@@ -8,7 +8,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
-import torch
 
 from core.checkpoint import Checkpoint, load_model, save_checkpoint
 from core.errors import UserError
@@ -159,17 +158,13 @@ def data_for(ckpt: Checkpoint, calib_n: int, heldout_n: int) -> tuple[Images | N
     )
 
 
-def load_source_model(path: Path) -> tuple[torch.nn.Module, Checkpoint]:
-    return load_model(path)
-
-
 def exported(checkpoint: str | None, export_dir: Path | None, max_images: int):
     """What validate.py and benchmark.py start from: (model, checkpoint path, export folder, its artifacts,
     held-out images, their description)."""
     from export.validate import existing_artifacts
 
     path = default_checkpoint(checkpoint)
-    model, ck = load_source_model(path)
+    model, ck = load_model(path)
     d = export_dir or path.parent / "export"
     paths = existing_artifacts(d)
     if not paths:

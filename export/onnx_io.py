@@ -83,34 +83,25 @@ def export_onnx(
 
 
 def _torch_export(model: nn.Module, x: torch.Tensor, out: Path, axes: dict[int, str], opset: int, dynamo: bool):
+    if dynamo:  # torch.export-based: symbolic dims, opset >= 18
+        dims = {k: torch.export.Dim(v, min=1, max=4096) for k, v in axes.items()}
+        specific = {
+            "dynamic_shapes": {"x": dims},
+            "opset_version": max(opset, 18),
+            "external_data": False,
+            "verbose": False,
+        }
+    else:  # TorchScript-based
+        specific = {
+            "dynamic_axes": {"input": axes, "logits": {0: "batch"}},
+            "opset_version": opset,
+            "do_constant_folding": True,
+        }
     with warnings.catch_warnings():
         warnings.simplefilter("ignore")
-        if dynamo:
-            dims = {k: torch.export.Dim(v, min=1, max=4096) for k, v in axes.items()}
-            torch.onnx.export(
-                model,
-                (x,),
-                str(out),
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_shapes={"x": dims},
-                opset_version=max(opset, 18),
-                dynamo=True,
-                external_data=False,
-                verbose=False,
-            )
-        else:
-            torch.onnx.export(
-                model,
-                (x,),
-                str(out),
-                input_names=["input"],
-                output_names=["logits"],
-                dynamic_axes={"input": axes, "logits": {0: "batch"}},
-                opset_version=opset,
-                dynamo=False,
-                do_constant_folding=True,
-            )
+        torch.onnx.export(
+            model, (x,), str(out), input_names=["input"], output_names=["logits"], dynamo=dynamo, **specific
+        )
 
 
 def set_metadata(path: Path, spec: ModelSpec, extra: dict[str, object]) -> None:

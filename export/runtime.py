@@ -10,7 +10,6 @@ crop, normalisation) is exactly the training eval transform; nothing is typed tw
 
 from __future__ import annotations
 
-import json
 import os
 import time
 from pathlib import Path
@@ -126,10 +125,3 @@ def top_k(logits: np.ndarray, names: tuple[str, ...], k: int = 5) -> list[tuple[
     p = softmax(logits.astype(np.float64))
     idx = np.argsort(-p)[: max(1, min(k, len(names)))]
     return [(names[i], float(p[i])) for i in idx]
-
-
-def metadata_json(meta: dict[str, str], key: str) -> Any:
-    try:
-        return json.loads(meta[key]) if key in meta else None
-    except json.JSONDecodeError:
-        return None

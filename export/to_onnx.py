@@ -13,11 +13,11 @@ import shutil
 import time
 from pathlib import Path
 
-from core.checkpoint import file_sha256
+from core.checkpoint import file_sha256, load_model
 from core.errors import run_cli
 from export import onnx_io, quantize, validate
 from export.benchmark import benchmark, device_line, write_outputs
-from export.common import data_for, default_checkpoint, load_source_model, output_dir
+from export.common import data_for, default_checkpoint, output_dir
 from export.to_torchscript import export_torchscript
 from training.runs import write_json
 
@@ -80,7 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     t0 = time.perf_counter()
     ck_path = default_checkpoint(args.checkpoint)
-    model, ck = load_source_model(ck_path)
+    model, ck = load_model(ck_path)
     out = output_dir(ck_path, args.out)
     calib, held, desc = data_for(ck, 0 if args.no_int8 else args.calib_images, args.max_images)
     print(f"exporting {ck_path} -> {out}/  (held-out: {desc})")

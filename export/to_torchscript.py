@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from core.checkpoint import Checkpoint
+from core.checkpoint import Checkpoint, load_model
 from core.errors import UserError, run_cli
-from export.common import default_checkpoint, load_source_model, output_dir
+from export.common import default_checkpoint, output_dir
 
 EXTRA = "model_spec.json"
 
@@ -85,7 +85,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     path = default_checkpoint(args.checkpoint)
-    model, ck = load_source_model(path)
+    model, ck = load_model(path)
     paths = export_torchscript(model, ck, output_dir(path, args.out))
     for p in paths.values():
         print(f"wrote {p} ({p.stat().st_size / 2**20:.2f} MB)")

@@ -112,7 +112,7 @@ def _header_ok(path: Path) -> bool:
         return False
 
 
-def _scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int], int]:
+def scan_folder(root: Path, classes: list[str] | None = None) -> tuple[list[str], list[Path], list[int], int]:
     found = sorted(d.name for d in root.iterdir() if d.is_dir() and not d.name.startswith("."))
     if not found:
         raise UserError(f"{root} has no class subfolders; expected {root}/<class>/<image files>")
@@ -139,19 +139,19 @@ def folder_source(root: Path, val_split: float) -> DataSource:
     if not any(root.iterdir()):
         raise UserError(f"data folder {root} is empty; expected class subfolders or train/ and val/")
     if (root / "train").is_dir():
-        classes, tp, tl, sk = _scan_folder(root / "train")
+        classes, tp, tl, sk = scan_folder(root / "train")
         if (root / "val").is_dir():
-            _, vp, vl, sk2 = _scan_folder(root / "val", classes)
+            _, vp, vl, sk2 = scan_folder(root / "val", classes)
             train, val = Split(tp, tl), Split(vp, vl)
         else:
             sk2 = 0
             train, val = stratified_split(tp, tl, val_split)
         test, sk3 = None, 0
         if (root / "test").is_dir():
-            _, sp, sl, sk3 = _scan_folder(root / "test", classes)
+            _, sp, sl, sk3 = scan_folder(root / "test", classes)
             test = Split(sp, sl)
         return DataSource(root.name, classes, train, val, test, skipped=sk + sk2 + sk3)
-    classes, paths, labels, sk = _scan_folder(root)
+    classes, paths, labels, sk = scan_folder(root)
     if min(np.bincount(labels)) < 2:
         raise UserError(f"{root}: every class needs at least 2 images to split off validation")
     train, val = stratified_split(paths, labels, val_split)

@@ -46,9 +46,9 @@ def get_args_parser() -> argparse.ArgumentParser:
 def pick_split(args: argparse.Namespace, train_args: dict, class_names: list[str]) -> tuple[str, Split]:
     data = args.data or train_args.get("data", "elpv")
     if args.data and Path(args.data).is_dir() and not (Path(args.data) / "train").is_dir():
-        from training.data import _scan_folder
+        from training.data import scan_folder
 
-        classes, paths, labels, _ = _scan_folder(Path(args.data))
+        classes, paths, labels, _ = scan_folder(Path(args.data))
         _check_classes(classes, class_names)
         return "all", Split(paths, [class_names.index(classes[i]) for i in labels])
     src = load_source(
