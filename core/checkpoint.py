@@ -7,6 +7,7 @@ need arbitrary globals (i.e. could run code) is refused with a clear message.
 from __future__ import annotations
 
 import hashlib
+import io
 import os
 import pickle
 import zipfile
@@ -16,6 +17,7 @@ from typing import Any
 
 import torch
 
+from core.atomic import atomic_write
 from core.errors import UserError
 from core.spec import ModelSpec
 
@@ -42,19 +44,10 @@ def safe_torch_load(path: str | os.PathLike) -> Any:
 
 
 def atomic_torch_save(obj: Any, path: str | os.PathLike) -> None:
-    """Write to a temp file in the same folder, fsync, then os.replace: the old file survives any crash."""
-    p = Path(path)
-    tmp = p.with_name(f".{p.name}.tmp-{os.getpid()}")
-    try:
-        p.parent.mkdir(parents=True, exist_ok=True)
-        with open(tmp, "wb") as f:
-            torch.save(obj, f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, p)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {p} ({e.strerror or e}); the previous file, if any, is intact") from None
+    """Serialize in memory, then write atomically (core.atomic): the old file survives any crash."""
+    buf = io.BytesIO()
+    torch.save(obj, buf)
+    atomic_write(path, buf.getvalue())
 
 
 def strip_compile_prefix(state_dict: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:

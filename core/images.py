@@ -117,6 +117,16 @@ def _to_rgb_or_l(im: Image.Image) -> Image.Image:
     return im.convert("RGB")  # CMYK, YCbCr, LAB, HSV, ...
 
 
+def _decode(im: Image.Image) -> None:
+    try:
+        im.seek(0)  # first frame of animations and multi-page files
+        im.load()  # ImageFile.LOAD_TRUNCATED_IMAGES stays False: a truncated file is an error
+    except DECODE_ERRORS as e:
+        raise ImageError(
+            f"{im.info.get('_name', 'image')}: corrupt or truncated image data ({type(e).__name__})"
+        ) from None
+
+
 def load_image(
     source: str | os.PathLike | bytes | np.ndarray | Image.Image, limits: ImageLimits = DEFAULT_LIMITS
 ) -> Image.Image:
@@ -126,18 +136,37 @@ def load_image(
     if isinstance(source, np.ndarray):
         return _array_to_image(source)
     im = _open(source, limits)
-    name = im.info.get("_name", "image")
-    try:
-        im.seek(0)  # first frame of animations and multi-page files
-        im.load()  # ImageFile.LOAD_TRUNCATED_IMAGES stays False: a truncated file is an error
-    except DECODE_ERRORS as e:
-        raise ImageError(f"{name}: corrupt or truncated image data ({type(e).__name__})") from None
+    _decode(im)
     with contextlib.suppress(*DECODE_ERRORS):  # malformed EXIF: keep the stored orientation
         im = ImageOps.exif_transpose(im) or im
     try:
         return _to_rgb_or_l(im)
     except DECODE_ERRORS as e:
-        raise ImageError(f"{name}: cannot convert mode {im.mode} ({type(e).__name__})") from None
+        raise ImageError(
+            f"{im.info.get('_name', 'image')}: cannot convert mode {im.mode} ({type(e).__name__})"
+        ) from None
+
+
+@dataclass(frozen=True)
+class ImageFacts:
+    format: str
+    mode: str
+    width: int
+    height: int
+    frames: int
+    exif_rotated: bool
+
+
+def inspect_image(source: str | os.PathLike | bytes, limits: ImageLimits = DEFAULT_LIMITS) -> ImageFacts:
+    """What the header says (format, stored mode, size, frames, EXIF rotation) after a full decode
+    under the same caps as `load_image`; raises ImageError for anything load_image would refuse."""
+    im = _open(source, limits)
+    orientation = 1
+    with contextlib.suppress(*DECODE_ERRORS):
+        orientation = int(im.getexif().get(0x0112, 1) or 1)
+    facts = ImageFacts(str(im.format), im.mode, im.width, im.height, int(getattr(im, "n_frames", 1)), orientation != 1)
+    _decode(im)
+    return facts
 
 
 def _array_to_image(a: np.ndarray) -> Image.Image:

@@ -4,6 +4,7 @@ import pickle
 import pytest
 import torch
 
+from core.atomic import remove_stale_temps
 from core.checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint
 from core.errors import UserError
 from core.models import arch_kwargs_for_spec, create_model
@@ -73,11 +74,30 @@ def test_failed_write_keeps_previous_file(tmp_path, monkeypatch):
     def boom(*a, **k):
         raise OSError(28, "No space left on device")
 
-    monkeypatch.setattr(torch, "save", boom)
+    monkeypatch.setattr("core.atomic.os.fsync", boom)  # the disk fills up while the new file is written
     with pytest.raises(UserError, match="No space left"):
         make_ckpt(tmp_path / "best.pt")
     assert (tmp_path / "best.pt").read_bytes() == before
     assert not list(tmp_path.glob(".*tmp*"))
+
+
+def test_unwritable_destination_is_a_clear_error(tmp_path):
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(UserError, match="cannot write"):
+        make_ckpt(tmp_path / "file" / "best.pt")  # parent is a file: mkdir fails even as root
+
+
+def test_stale_temp_files_of_dead_writers_are_removed(tmp_path):
+    import subprocess
+
+    dead = subprocess.Popen(["true"])
+    dead.wait()  # reaped: its pid is free, so its temp file is stale
+    stale = tmp_path / f".last.pt.tmp-{dead.pid}"
+    mine = tmp_path / f".best.pt.tmp-{os.getpid()}"
+    stale.write_bytes(b"half a checkpoint")
+    mine.write_bytes(b"being written right now")
+    assert remove_stale_temps(tmp_path) == [stale]
+    assert not stale.exists() and mine.exists()
 
 
 def test_no_unsafe_torch_load_in_source():

@@ -39,6 +39,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--val-split", type=float, default=0.15, help="fraction held out for validation")
     g.add_argument("--data-dir", type=Path, default=Path("artifacts/data"), help="download folder (torchvision)")
     g.add_argument("--workers", type=int, default=2)
+    g.add_argument("--strict-data", action="store_true", help="stop when the data check finds problems")
+    g.add_argument("--no-data-check", action="store_true", help="skip the data health check")
     g.add_argument("--pin-memory", action="store_true")
     g = p.add_argument_group("model")
     g.add_argument("--model", default="efficientnet_lite0", help=f"one of: {', '.join(list_models())}")
@@ -88,6 +90,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="CUDA mixed precision")
     g.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
+    g.add_argument(
+        "--engine", choices=("torch", "lightning"), default="torch", help="training loop: plain PyTorch or Lightning"
+    )
+    g.add_argument("--sync-bn", action="store_true", help="torchrun on CUDA: SyncBatchNorm across processes")
     g.add_argument("--no-feature-cache", action="store_true", help="transfer: run the backbone every epoch")
     g.add_argument("--no-progress", action="store_true")
     return p

@@ -13,6 +13,8 @@ import torch
 from torch import nn
 from tqdm import tqdm
 
+from core.faults import crash_point
+
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
 
@@ -123,6 +125,7 @@ def train_one_epoch(
         else:
             optimizer.step()
         scheduler.step()
+        crash_point("step")
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)

@@ -150,19 +150,16 @@ def cached_features(
 
 
 class FeatureLoader:
-    """Minibatches of cached features in the (x, y, skipped) shape the engine expects."""
+    """Minibatches of cached features, in the given index order, in the (x, y, skipped) shape of the engine."""
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, shuffle: bool, seed: int = 0) -> None:
+    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, indices: list[int]) -> None:
         self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
-        self.batch_size, self.shuffle, self.seed, self.epoch = batch_size, shuffle, seed, 0
+        self.batch_size, self.indices = batch_size, torch.tensor(indices, dtype=torch.long)
 
     def __len__(self) -> int:
-        return -(-len(self.y) // self.batch_size)
+        return -(-len(self.indices) // self.batch_size)
 
     def __iter__(self):
-        g = torch.Generator().manual_seed(self.seed * 100_003 + self.epoch)
-        order = torch.randperm(len(self.y), generator=g) if self.shuffle else torch.arange(len(self.y))
-        self.epoch += 1
-        for s in range(0, len(order), self.batch_size):
-            ix = order[s : s + self.batch_size]
+        for s in range(0, len(self.indices), self.batch_size):
+            ix = self.indices[s : s + self.batch_size]
             yield self.x[ix], self.y[ix], 0

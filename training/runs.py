@@ -8,6 +8,7 @@ import time
 from pathlib import Path
 from typing import Any
 
+from core.atomic import atomic_write
 from core.errors import UserError
 
 ARTIFACTS = Path(os.environ.get("CLS_ARTIFACTS", "artifacts"))
@@ -57,6 +58,4 @@ def resolve_checkpoint(arg: str | None) -> Path:
 
 
 def write_json(path: Path, obj: Any) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    tmp.write_text(json.dumps(obj, indent=2, sort_keys=True, default=str))
-    os.replace(tmp, path)
+    atomic_write(path, json.dumps(obj, indent=2, sort_keys=True, default=str).encode())

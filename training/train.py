@@ -9,24 +9,25 @@ python training/train.py --resume                   # continue artifacts/runs/la
 from __future__ import annotations
 
 import argparse
-import csv
 import time
 from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
+from torch.nn.parallel import DistributedDataParallel as DDP
 from torch.utils.data import DataLoader
 
-from core.checkpoint import Checkpoint, atomic_torch_save, safe_torch_load, save_checkpoint
+from core.atomic import remove_stale_temps
+from core.checkpoint import Checkpoint, safe_torch_load, save_checkpoint
 from core.errors import UserError, run_cli
 from core.models import ModelEntry, arch_kwargs_for_spec, create_model, get_entry
 from core.models.classifier import init_weights
 from core.spec import ModelSpec
 from core.transforms import eval_transform, train_transform
-from training import features
+from training import check_data, distributed, features
 from training.cli import parse_args
 from training.data import DataSource, ImageDataset, Split, collate_skip, load_source
+from training.distributed import Dist
 from training.engine import (
     classification_metrics,
     make_optimizer,
@@ -36,6 +37,7 @@ from training.engine import (
     train_one_epoch,
 )
 from training.plots import plot_confusion, plot_curves
+from training.recorder import EpochRecorder, vars_json
 from training.report import format_report
 from training.runs import ARTIFACTS, RUNS, new_run_dir, point_latest, write_json
 
@@ -100,41 +102,42 @@ def resolve_weights(args: argparse.Namespace, entry: ModelEntry) -> str | None:
     return weights
 
 
-def image_loader(split: Split, transform, args: argparse.Namespace, shuffle: bool, epoch_seed: int = 0):
-    g = torch.Generator().manual_seed(epoch_seed)
+def image_loader(split: Split, transform, args: argparse.Namespace, sampler) -> DataLoader:
     return DataLoader(
         ImageDataset(split, transform),
         batch_size=args.batch_size,
-        shuffle=shuffle,
+        sampler=sampler,
         num_workers=args.workers,
         pin_memory=args.pin_memory,
         collate_fn=collate_skip,
-        generator=g,
         persistent_workers=False,
         drop_last=False,
     )
 
 
 class Batches:
-    """Where batches come from: cached backbone features (transfer) or images through a DataLoader."""
+    """Where batches come from: cached backbone features (transfer) or images through a DataLoader.
+    Training loaders draw this rank's shard of the epoch's permutation; evaluation loaders a strided shard."""
 
-    def __init__(self, args, source: DataSource, spec: ModelSpec, model, weights, device) -> None:
-        self.args, self.source, self.spec, self.model, self.weights, self.device = (
+    def __init__(self, args, source: DataSource, spec: ModelSpec, model, weights, device, d: Dist) -> None:
+        self.args, self.source, self.spec, self.model, self.weights, self.device, self.d = (
             args,
             source,
             spec,
             model,
             weights,
             device,
+            d,
         )
         self.use_features = args.mode == "transfer" and args.augment == "none" and not args.no_feature_cache
         self.trainee = model.head if self.use_features else model
         self._train_tf = train_transform(spec, args.augment)
         self._eval_tf = eval_transform(spec)
+        self._features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def loader(self, name: str, split: Split, train: bool, epoch: int = 0):
-        if self.use_features:
-            x, y = features.cached_features(
+    def _cached(self, name: str, split: Split) -> tuple[np.ndarray, np.ndarray]:
+        if name not in self._features:
+            get = lambda: features.cached_features(  # noqa: E731
                 self.model.backbone,
                 self.spec,
                 self.weights,
@@ -142,21 +145,58 @@ class Batches:
                 name,
                 ARTIFACTS / "cache" / "features",
                 self.device,
-                progress=not self.args.no_progress,
+                progress=not self.args.no_progress and self.d.main,
             )
-            fl = features.FeatureLoader(x, y, self.args.batch_size, shuffle=train, seed=self.args.seed)
-            fl.epoch = epoch
-            return fl
-        tf = self._train_tf if train else self._eval_tf
-        return image_loader(split, tf, self.args, shuffle=train, epoch_seed=self.args.seed * 100_003 + epoch)
+            if self.d.main:  # rank 0 fills the cache, the others read it
+                self._features[name] = get()
+            distributed.barrier(self.d)
+            if not self.d.main:
+                self._features[name] = get()
+        return self._features[name]
+
+    def loader(self, name: str, split: Split, train: bool, epoch: int = 0):
+        if self.use_features:
+            x, y = self._cached(name, split)
+            ix = (
+                distributed.epoch_order(len(y), self.args.seed, epoch, True, self.d)
+                if train
+                else distributed.eval_indices(len(y), self.d)
+            )
+            return features.FeatureLoader(x, y, self.args.batch_size, ix)
+        if train:
+            return image_loader(
+                split, self._train_tf, self.args, distributed.EpochSampler(len(split), self.args.seed, epoch, self.d)
+            )
+        return image_loader(split, self._eval_tf, self.args, distributed.eval_indices(len(split), self.d))
+
+    def predict(self, name: str, split: Split) -> tuple[np.ndarray, np.ndarray, int]:
+        """Logits and labels of a whole split, computed in shards and gathered on every rank."""
+        logits, labels, skipped = predict(self.trainee, self.loader(name, split, train=False), self.device)
+        logits, labels = distributed.gather_arrays(self.d, logits, labels)
+        (skipped,) = distributed.sum_all(self.d, [skipped])
+        return logits, labels, int(skipped)
 
 
-def check_resume(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
+def newest_unfinished_run() -> Path | None:
+    runs = [p.parent for p in RUNS.glob("*/resume.pt") if not p.parent.is_symlink()]
+    return max(runs, key=lambda r: (r / "resume.pt").stat().st_mtime) if runs else None
+
+
+def check_resume(args: argparse.Namespace, main: bool) -> tuple[Path | None, dict | None]:
+    """--resume alone: the run whose resume.pt was written last (the crashed one, not runs/latest)."""
     if not args.resume:
         return None, None
-    run = RUNS / args.resume if not Path(args.resume).is_dir() else Path(args.resume)
+    if args.resume == "latest":
+        run = newest_unfinished_run()
+        if run is None:
+            raise UserError(f"nothing to resume: no run under {RUNS} has a resume.pt; start a new run")
+    else:
+        run = RUNS / args.resume if not Path(args.resume).is_dir() else Path(args.resume)
     if not (run / "resume.pt").is_file():
         raise UserError(f"nothing to resume in {run} (no resume.pt); start a new run without --resume")
+    if main:
+        for p in remove_stale_temps(run):
+            print(f"removed {p.name}: left by a writer that died mid-save")
     state = safe_torch_load(run / "resume.pt")
     old = state["args"]
     changed = [k for k in RESUME_LOCKED if k in old and old[k] != getattr(args, k)]
@@ -167,28 +207,33 @@ def check_resume(args: argparse.Namespace) -> tuple[Path | None, dict | None]:
 
 
 def fit(args, batches: Batches, spec: ModelSpec, run: Path, state: dict | None) -> dict:
-    """The epoch loop: train, validate, checkpoint (last/best/resume), early stop."""
-    model, trainee, device = batches.model, batches.trainee, batches.device
+    """The epoch loop of the plain-PyTorch engine (single process or torchrun/DDP)."""
+    model, trainee, device, d = batches.model, batches.trainee, batches.device, batches.d
     source = batches.source
     steps = len(batches.loader("train", source.train, train=True))
     scale = args.backbone_lr_scale if args.mode == "finetune" else 1.0
     opt = make_optimizer(trainee, args.optimizer, args.lr, args.weight_decay, scale)
     sched = make_scheduler(opt, args.schedule, args.epochs, steps, args.warmup_epochs, args.step_size, args.gamma)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" and device.type == "cuda" else None
-    history, best, bad, start = [], {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}, 0, 1
+    rec = EpochRecorder(args, spec, run, d.main, state)
+    t0, wall0 = time.perf_counter(), float((state or {}).get("wall", 0.0))
     if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
         sched.load_state_dict(state["scheduler"])
         if scaler and state.get("scaler"):
             scaler.load_state_dict(state["scaler"])
-        history, best, bad, start = state["history"], state["best"], state["bad_epochs"], state["epoch"] + 1
-        print(f"resuming {run.name} at epoch {start}/{args.epochs}")
-    net = torch.compile(trainee) if args.compile else trainee
+        if d.main:
+            print(f"resuming {run.name} at epoch {rec.start}/{args.epochs}")
+    net = trainee
+    if d.enabled:
+        if args.sync_bn:
+            net = torch.nn.SyncBatchNorm.convert_sync_batchnorm(net)
+        net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
+    if args.compile:
+        net = torch.compile(net)
     crit = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
-    val_loader = batches.loader("val", source.val, train=False)
-    tb = _tensorboard(run)
-    for epoch in range(start, args.epochs + 1):
+    for epoch in range(rec.start, args.epochs + 1):
         torch.manual_seed(args.seed * 100_003 + epoch)  # dropout etc. identical whether resumed or not
         st = train_one_epoch(
             net,
@@ -201,90 +246,31 @@ def fit(args, batches: Batches, spec: ModelSpec, run: Path, state: dict | None) 
             None if args.amp == "none" else args.amp,
             scaler,
             args.channels_last,
-            not args.no_progress,
+            not args.no_progress and d.main,
         )
-        logits, labels, _ = predict(net, val_loader, device)
-        val_loss = float(F.cross_entropy(torch.from_numpy(logits), torch.from_numpy(labels)))
-        val_acc = float((logits.argmax(1) == labels).mean())
-        row = {
-            "epoch": epoch,
-            "lr": opt.param_groups[-1]["lr"],
-            "train_loss": st.loss,
-            "train_acc": st.acc,
-            "val_loss": val_loss,
-            "val_acc": val_acc,
-            "seconds": round(st.seconds, 2),
-            "skipped": st.skipped,
-        }
-        history.append(row)
-        improved = (val_acc, -val_loss) > (best["val_acc"], -best["val_loss"])
-        if improved:
-            best, bad = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}, 0
-        else:
-            bad += 1
-        _save_epoch(args, model, spec, run, row, improved, opt, sched, scaler, history, best, bad, epoch)
-        if tb:
-            for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
-                tb.add_scalar(k, row[k], epoch)
-        print(
-            f"epoch {epoch:3d}/{args.epochs}  train loss {st.loss:.4f} acc {st.acc:.4f} | val loss {val_loss:.4f}"
-            f" acc {val_acc:.4f} | lr {row['lr']:.2e} | {st.seconds:.1f}s"
-            + (f" | skipped {st.skipped}" if st.skipped else "")
-            + ("  *best*" if improved else ""),
-            flush=True,
-        )
-        if args.patience and bad >= args.patience:
-            print(f"early stop: no validation gain for {bad} epochs")
-            break
-    if tb:
-        tb.close()
-    return {"history": history, "best": best}
-
-
-def _tensorboard(run: Path):
-    try:
-        from torch.utils.tensorboard import SummaryWriter
-    except ImportError:
-        return None
-    return SummaryWriter(str(run / "tb"))
-
-
-def _save_epoch(args, model, spec, run, row, improved, opt, sched, scaler, history, best, bad, epoch) -> None:
-    sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-    ck = Checkpoint(spec, sd, {"epoch": epoch, **{k: row[k] for k in ("val_acc", "val_loss")}}, vars_json(args))
-    save_checkpoint(ck, run / "last.pt")
-    if improved:
-        save_checkpoint(ck, run / "best.pt")
-    atomic_torch_save(
-        {
-            "epoch": epoch,
-            "model": sd,
+        sums = [st.loss * st.seen, st.acc * st.seen, st.seen, st.skipped]
+        loss_sum, hits, seen, skipped = distributed.sum_all(d, sums)
+        train = {"loss": loss_sum / max(seen, 1), "acc": hits / max(seen, 1), "skipped": skipped, "seconds": st.seconds}
+        logits, labels, _ = batches.predict("val", source.val)
+        resume_state = {
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict() if scaler else None,
-            "history": history,
-            "best": best,
-            "bad_epochs": bad,
-            "args": vars_json(args),
-        },
-        run / "resume.pt",
-    )
-    with open(run / "history.csv", "w", newline="") as f:
-        w = csv.DictWriter(f, fieldnames=list(history[0]))
-        w.writeheader()
-        w.writerows(history)
+            "wall": wall0 + time.perf_counter() - t0,
+        }
+        if rec.end_epoch(epoch, train, logits, labels, opt.param_groups[-1]["lr"], model, resume_state):
+            break
+    return {**rec.close(), "wall": wall0 + time.perf_counter() - t0}
 
 
-def vars_json(args: argparse.Namespace) -> dict:
-    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
-
-
-def finish(args, batches: Batches, spec: ModelSpec, run: Path, result: dict, seconds: float) -> dict:
-    """Reload best.pt, evaluate once on the held-out split, write metrics, plots and meta.json."""
-    ck = torch.load(run / "best.pt", map_location="cpu", weights_only=True)
+def finish(args, batches: Batches, spec: ModelSpec, run: Path, result: dict) -> dict | None:
+    """Reload best.pt, evaluate once on the held-out split, write metrics, plots and meta.json (rank 0)."""
+    ck = safe_torch_load(run / "best.pt")
     batches.model.load_state_dict(ck["state_dict"])
     split_name, split = batches.source.eval_split
-    logits, labels, skipped = predict(batches.trainee, batches.loader(split_name, split, train=False), batches.device)
+    logits, labels, skipped = batches.predict(split_name, split)
+    if not batches.d.main:
+        return None
     m = classification_metrics(logits, labels, list(spec.class_names))
     params = sum(p.numel() for p in batches.model.parameters())
     metrics = {
@@ -294,7 +280,7 @@ def finish(args, batches: Batches, spec: ModelSpec, run: Path, result: dict, sec
         "unreadable_files": batches.source.skipped,
         "best_epoch": result["best"]["epoch"],
         "val_accuracy": result["best"]["val_acc"],
-        "training_seconds": round(seconds, 1),
+        "training_seconds": round(result["wall"], 1),
         "params": params,
         "size_mb": round((run / "best.pt").stat().st_size / 2**20, 2),
         "dataset": batches.source.name,
@@ -323,20 +309,38 @@ def finish(args, batches: Batches, spec: ModelSpec, run: Path, result: dict, sec
     return metrics
 
 
+def data_check(args: argparse.Namespace, d: Dist):
+    """The health check before training (rank 0, cached); --strict-data makes its problems fatal."""
+    report = None
+    if d.main and not args.no_data_check:
+        report = check_data.cached_check(
+            args.data, args.val_split, args.elpv_task, args.data_dir, ARTIFACTS / "cache" / "health"
+        )
+        print(report.table(), flush=True)
+    problems = distributed.broadcast(d, len(report.problems) if report else 0)
+    if args.strict_data and problems:
+        raise UserError(f"--strict-data: the data check found {problems} problem(s) (table above); fix them first")
+    return report
+
+
 def main(argv: list[str] | None = None) -> int:
     args = parse_args(argv)
-    resumed_run, state = check_resume(args)
+    d, device = distributed.setup(args.device)
+    try:
+        return train(args, d, device)
+    finally:
+        distributed.teardown(d)
+
+
+def train(args: argparse.Namespace, d: Dist, device: torch.device) -> int:
+    if args.sync_bn and device.type != "cuda":
+        raise UserError("--sync-bn needs CUDA devices under torchrun (SyncBatchNorm has no CPU kernel)")
+    resumed_run, state = check_resume(args, d.main)
     seed_everything(args.seed, args.deterministic)
-    device = torch.device(
-        "cuda"
-        if args.device == "auto" and torch.cuda.is_available()
-        else "cpu"
-        if args.device == "auto"
-        else args.device
-    )
     entry = get_entry(args.model)
     weights = resolve_weights(args, entry)
     source = load_source(args.data, args.val_split, args.elpv_task, args.data_dir)
+    health = data_check(args, d)
     spec = build_spec(args, source, entry, weights)
     model = create_model(
         args.model,
@@ -356,20 +360,33 @@ def main(argv: list[str] | None = None) -> int:
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
-    run = resumed_run or new_run_dir(args.name, args.mode, args.model, args.data, False)
-    print(
-        f"run {run}\n{source.name}: {len(source.class_names)} classes, train {len(source.train)} / val "
-        f"{len(source.val)} / test {len(source.test) if source.test else 0} images"
-        + (f" ({source.skipped} unreadable files skipped)" if source.skipped else "")
-        + f"\nmodel {args.model} ({args.mode}, weights={weights}), input {spec.color} {spec.image_size}px, "
-        f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable params, device {device}"
-    )
-    t0 = time.perf_counter()
-    batches = Batches(args, source, spec, model, weights, device)
-    result = fit(args, batches, spec, run, state)
-    finish(args, batches, spec, run, result, time.perf_counter() - t0 + (state or {}).get("seconds", 0.0))
-    point_latest(run)
-    print(f"wrote {run}/best.pt (+ metrics.json, curves.png, confusion_matrix.png, history.csv, meta.json)")
+    if d.main:
+        run = resumed_run or new_run_dir(args.name, args.mode, args.model, args.data, False)
+        if health:
+            write_json(run / "data_health.json", health.to_dict())
+        print(
+            f"run {run}\n{source.name}: {len(source.class_names)} classes, train {len(source.train)} / val "
+            f"{len(source.val)} / test {len(source.test) if source.test else 0} images"
+            + (f" ({source.skipped} unreadable files skipped)" if source.skipped else "")
+            + f"\nmodel {args.model} ({args.mode}, weights={weights}), input {spec.color} {spec.image_size}px, "
+            f"{sum(p.numel() for p in model.parameters() if p.requires_grad):,} trainable params, device {device}"
+            + (f", {d.world} processes (global batch {args.batch_size * d.world})" if d.enabled else "")
+            + (", engine lightning" if args.engine == "lightning" else ""),
+            flush=True,
+        )
+    run = distributed.broadcast(d, run if d.main else None)
+    batches = Batches(args, source, spec, model, weights, device, d)
+    if args.engine == "lightning":
+        from training.lightning_engine import fit_lightning
+
+        result = fit_lightning(args, batches, spec, run, state)
+    else:
+        result = fit(args, batches, spec, run, state)
+    distributed.barrier(d)  # best.pt is on disk before anyone reloads it
+    finish(args, batches, spec, run, result)
+    if d.main:
+        point_latest(run)
+        print(f"wrote {run}/best.pt (+ metrics.json, curves.png, confusion_matrix.png, history.csv, meta.json)")
     return 0
 
 

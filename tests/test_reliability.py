@@ -1,0 +1,117 @@
+"""Crash safety: SIGKILL training at many points (mid-step, mid-write, before a rename, between files);
+every time last.pt loads, --resume cleans up and finishes with exactly the uninterrupted run's numbers."""
+
+from __future__ import annotations
+
+import csv
+import os
+import signal
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from core.checkpoint import load_checkpoint
+from tests.conftest import make_folder
+
+ROOT = Path(__file__).resolve().parents[1]
+EPOCHS = 4
+# (crash point, epoch --resume must restart at): 4 optimizer steps per epoch on this data.
+KILL_POINTS = [
+    ("step#6", 2),  # mid-epoch 2, nothing of epoch 2 saved
+    ("write:last.pt#2", 2),  # half of epoch 2's last.pt written to its temp file
+    ("replace:resume.pt#2", 2),  # epoch 2's resume.pt complete in the temp file, not yet renamed
+    ("write:history.csv#2", 3),  # epoch 2 fully saved except history.csv
+    ("epoch#3", 3),  # epoch 3 validated, nothing saved yet
+    ("write:best.pt#1", 1),  # the very first save: nothing to resume, last.pt never existed
+]
+
+
+def train_cmd(data: Path, name: str, *extra: str) -> list[str]:
+    return [
+        sys.executable,
+        str(ROOT / "training/train.py"),
+        "--data",
+        str(data),
+        "--mode",
+        "scratch",
+        "--model",
+        "cnn_small",
+        "--augment",
+        "basic",
+        "--deterministic",
+        "--epochs",
+        str(EPOCHS),
+        "--image-size",
+        "32",
+        "--batch-size",
+        "8",
+        "--workers",
+        "0",
+        "--no-progress",
+        "--name",
+        name,
+        *extra,
+    ]
+
+
+def run(cmd: list[str], cwd: Path, crash: str | None = None) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    env.pop("CLS_CRASH_AT", None)
+    if crash:
+        env["CLS_CRASH_AT"] = crash
+    return subprocess.run(cmd, cwd=cwd, env=env, capture_output=True, text=True, timeout=300)
+
+
+def history(run_dir: Path) -> list[dict[str, float]]:
+    with open(run_dir / "history.csv") as f:
+        return [{k: float(v) for k, v in row.items()} for row in csv.DictReader(f)]
+
+
+@pytest.fixture(scope="module")
+def crash_env(tmp_path_factory):
+    root = tmp_path_factory.mktemp("crash")
+    data = make_folder(root / "data", per_class=10, odd_files=False)
+    ref = run(train_cmd(data, "ref"), root)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    return root, data
+
+
+@pytest.mark.parametrize(("point", "restart_epoch"), KILL_POINTS, ids=[p for p, _ in KILL_POINTS])
+def test_sigkill_then_resume_matches_uninterrupted_run(crash_env, point, restart_epoch):
+    root, data = crash_env
+    name = "k-" + point.replace(":", "-").replace("#", "-").replace(".", "-")
+    killed = run(train_cmd(data, name), root, crash=point)
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    run_dir = root / "artifacts/runs" / name
+    temps = [p.name for p in run_dir.iterdir() if ".tmp-" in p.name]
+    assert bool(temps) == point.startswith(("write:", "replace:"))  # it really died inside a save
+    if (run_dir / "last.pt").exists():
+        ck = load_checkpoint(run_dir / "last.pt")  # whatever moment it died, last.pt is a whole checkpoint
+        assert ck.metrics["epoch"] >= restart_epoch - 1
+    if restart_epoch == 1:  # died inside the first save: nothing to resume yet, and it says so
+        res = run(train_cmd(data, name, "--resume", name), root)
+        assert res.returncode == 2 and "nothing to resume" in res.stderr
+        return
+    # bare --resume picks the run that crashed (most recent resume.pt), not runs/latest
+    res = run(train_cmd(data, name, "--resume"), root)
+    assert res.returncode == 0, res.stderr[-2000:]
+    assert f"resuming {name} at epoch {restart_epoch}/{EPOCHS}" in res.stdout
+    assert not [p.name for p in run_dir.iterdir() if ".tmp-" in p.name]  # dead writers' temp files removed
+    ref_dir = root / "artifacts/runs/ref"
+    got, want = history(run_dir), history(ref_dir)
+    assert [r["epoch"] for r in got] == list(range(1, EPOCHS + 1))
+    for g, w in zip(got, want, strict=True):
+        assert g["lr"] == pytest.approx(w["lr"], rel=1e-9)
+        for k in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            assert abs(g[k] - w[k]) <= 1e-6, (k, g["epoch"], g[k], w[k])
+    a, b = load_checkpoint(run_dir / "last.pt").state_dict, load_checkpoint(ref_dir / "last.pt").state_dict
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+    assert torch.load(run_dir / "resume.pt", weights_only=True)["epoch"] == EPOCHS
+
+
+def test_resume_without_any_run_is_a_clear_error(workdir, tiny_folder):
+    res = run(train_cmd(tiny_folder, "x", "--resume"), workdir)
+    assert res.returncode == 2 and res.stderr.strip().startswith("error: nothing to resume")

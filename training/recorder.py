@@ -1,0 +1,134 @@
+"""What happens at the end of every epoch, whichever engine trained it (plain PyTorch or Lightning):
+model selection, early stopping, the crash-safe checkpoint trio, history.csv, TensorBoard, the log line.
+
+Write order (each file atomic): best.pt (if improved) -> last.pt -> resume.pt -> history.csv. A crash
+between any two leaves resume.pt at the previous epoch, so `--resume` redoes at most that one epoch.
+"""
+
+from __future__ import annotations
+
+import argparse
+import csv
+import io
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from core.atomic import atomic_write
+from core.checkpoint import Checkpoint, atomic_torch_save, save_checkpoint
+from core.faults import crash_point
+from core.spec import ModelSpec
+
+RESUME_FORMAT = 1
+
+
+def vars_json(args: argparse.Namespace) -> dict:
+    return {k: (str(v) if isinstance(v, Path) else v) for k, v in vars(args).items()}
+
+
+class EpochRecorder:
+    """Tracks history/best/patience; only the main process writes files or prints."""
+
+    def __init__(self, args: argparse.Namespace, spec: ModelSpec, run: Path, main: bool, state: dict | None) -> None:
+        self.args, self.spec, self.run, self.main = args, spec, run, main
+        self.history: list[dict[str, Any]] = []
+        self.best: dict[str, Any] = {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}
+        self.bad, self.start, self.seconds = 0, 1, 0.0
+        if state:
+            self.history, self.best, self.bad = state["history"], state["best"], state["bad_epochs"]
+            self.start, self.seconds = state["epoch"] + 1, float(state.get("seconds", 0.0))
+        self.tb = _tensorboard(run) if main else None
+
+    def end_epoch(
+        self,
+        epoch: int,
+        train: dict[str, float],
+        val_logits: np.ndarray,
+        val_labels: np.ndarray,
+        lr: float,
+        model: torch.nn.Module,
+        resume_state: dict[str, Any],
+    ) -> bool:
+        """Record one epoch, save, log. Returns True when early stopping says stop."""
+        val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
+        val_acc = float((val_logits.argmax(1) == val_labels).mean())
+        self.seconds += train["seconds"]
+        row = {
+            "epoch": epoch,
+            "lr": lr,
+            "train_loss": train["loss"],
+            "train_acc": train["acc"],
+            "val_loss": val_loss,
+            "val_acc": val_acc,
+            "seconds": round(train["seconds"], 2),
+            "skipped": int(train["skipped"]),
+        }
+        self.history.append(row)
+        improved = (val_acc, -val_loss) > (self.best["val_acc"], -self.best["val_loss"])
+        if improved:
+            self.best, self.bad = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}, 0
+        else:
+            self.bad += 1
+        crash_point("epoch")
+        if self.main:
+            self._save(epoch, row, improved, model, resume_state)
+            self._log(row, improved)
+        stop = bool(self.args.patience and self.bad >= self.args.patience)
+        if stop and self.main:
+            print(f"early stop: no validation gain for {self.bad} epochs")
+        return stop
+
+    def _save(self, epoch: int, row: dict, improved: bool, model: torch.nn.Module, resume_state: dict) -> None:
+        sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
+        metrics = {"epoch": epoch, "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
+        ck = Checkpoint(self.spec, sd, metrics, vars_json(self.args))
+        if improved:
+            save_checkpoint(ck, self.run / "best.pt")
+        save_checkpoint(ck, self.run / "last.pt")
+        state = {
+            "format": RESUME_FORMAT,
+            "epoch": epoch,
+            "model": sd,
+            **resume_state,
+            "history": self.history,
+            "best": self.best,
+            "bad_epochs": self.bad,
+            "seconds": self.seconds,
+            "args": vars_json(self.args),
+        }
+        atomic_torch_save(state, self.run / "resume.pt")
+        buf = io.StringIO()
+        w = csv.DictWriter(buf, fieldnames=list(self.history[0]), lineterminator="\n")
+        w.writeheader()
+        w.writerows(self.history)
+        atomic_write(self.run / "history.csv", buf.getvalue().encode())
+
+    def _log(self, row: dict, improved: bool) -> None:
+        if self.tb:
+            for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+                self.tb.add_scalar(k, row[k], row["epoch"])
+            self.tb.flush()
+        print(
+            f"epoch {row['epoch']:3d}/{self.args.epochs}  train loss {row['train_loss']:.4f} acc "
+            f"{row['train_acc']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | lr {row['lr']:.2e}"
+            f" | {row['seconds']:.1f}s"
+            + (f" | skipped {row['skipped']}" if row["skipped"] else "")
+            + ("  *best*" if improved else ""),
+            flush=True,
+        )
+
+    def close(self) -> dict[str, Any]:
+        if self.tb:
+            self.tb.close()
+        return {"history": self.history, "best": self.best, "seconds": self.seconds}
+
+
+def _tensorboard(run: Path):
+    try:
+        from torch.utils.tensorboard import SummaryWriter
+    except ImportError:
+        return None
+    return SummaryWriter(str(run / "tb"))
