@@ -115,3 +115,110 @@ def test_sigkill_then_resume_matches_uninterrupted_run(crash_env, point, restart
 def test_resume_without_any_run_is_a_clear_error(workdir, tiny_folder):
     res = run(train_cmd(tiny_folder, "x", "--resume"), workdir)
     assert res.returncode == 2 and res.stderr.strip().startswith("error: nothing to resume")
+
+
+def digits_cmd(name: str, batch: int, *extra: str, nproc: int = 1) -> list[str]:
+    launcher = [sys.executable, "-m", "torch.distributed.run", "--standalone", f"--nproc_per_node={nproc}"]
+    return [
+        *(launcher if nproc > 1 else [sys.executable]),
+        str(ROOT / "training/train.py"),
+        "--data",
+        "digits",
+        "--model",
+        "linear",  # no BatchNorm, no dropout: per-rank batches then add up to exactly the global batch
+        "--dropout",
+        "0",
+        "--mode",
+        "scratch",
+        "--epochs",
+        "3",
+        "--batch-size",
+        str(batch),
+        "--workers",
+        "0",
+        "--no-progress",
+        "--deterministic",
+        "--name",
+        name,
+        *extra,
+    ]
+
+
+def test_torchrun_gloo_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    one = run(digits_cmd("one", 32), tmp_path)
+    assert one.returncode == 0, one.stderr[-2000:]
+    two = run(digits_cmd("two", 16, nproc=2), tmp_path)
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert "2 processes (global batch 32)" in two.stdout
+    assert two.stdout.count("wrote ") == 1 and two.stdout.count("epoch   1/3") == 1  # rank 0 logs, once
+    # killed at the end of epoch 2 on every rank, then resumed under torchrun
+    killed = run(digits_cmd("resumed", 16, nproc=2), tmp_path, crash="epoch#2")
+    assert killed.returncode != 0
+    res = run(digits_cmd("resumed", 16, "--resume", "resumed", nproc=2), tmp_path)
+    assert res.returncode == 0, res.stderr[-3000:]
+    assert "resuming resumed at epoch 2/3" in res.stdout
+    runs = tmp_path / "artifacts/runs"
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "one", "resumed", "two"]
+    ref = history(runs / "one")
+    for name in ("two", "resumed"):
+        for g, w in zip(history(runs / name), ref, strict=True):
+            assert g["lr"] == pytest.approx(w["lr"], rel=1e-9)
+            assert g["train_acc"] == w["train_acc"] and g["val_acc"] == w["val_acc"]  # metrics reduced over ranks
+            for k in ("train_loss", "val_loss"):
+                assert abs(g[k] - w[k]) <= 1e-5, (name, k, g["epoch"], g[k], w[k])
+        a = load_checkpoint(runs / name / "best.pt")
+        b = load_checkpoint(runs / "one" / "best.pt")
+        assert max((a.state_dict[k] - b.state_dict[k]).abs().max().item() for k in a.state_dict) <= 1e-5
+        assert a.metrics["accuracy"] == b.metrics["accuracy"] and a.metrics["n"] == b.metrics["n"] == 450
+
+
+def test_sync_bn_on_cpu_is_refused_clearly(workdir, tiny_folder):
+    res = run(train_cmd(tiny_folder, "s", "--sync-bn"), workdir)
+    assert res.returncode == 2 and "--sync-bn needs CUDA" in res.stderr
+
+
+def test_lightning_engine_same_format_same_numbers_and_resumes_across_engines(tmp_path, monkeypatch):
+    pytest.importorskip("lightning", reason="optional engine; requirements-dev.txt installs it")
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    plain = run(digits_cmd("plain", 32), tmp_path)
+    assert plain.returncode == 0, plain.stderr[-2000:]
+    lit = run(digits_cmd("lit", 32, "--engine", "lightning"), tmp_path)
+    assert lit.returncode == 0, lit.stderr[-2000:]
+    assert "engine lightning" in lit.stdout
+    killed = run(digits_cmd("mixed", 32, "--engine", "lightning"), tmp_path, crash="epoch#2")
+    assert killed.returncode == -signal.SIGKILL
+    res = run(digits_cmd("mixed", 32, "--resume", "mixed"), tmp_path)  # finished by the plain engine
+    assert res.returncode == 0 and "resuming mixed at epoch 2/3" in res.stdout, res.stderr[-2000:]
+    runs = tmp_path / "artifacts/runs"
+    ref = load_checkpoint(runs / "plain/best.pt")
+    raw_ref = torch.load(runs / "plain/best.pt", weights_only=True)
+    for name in ("lit", "mixed"):
+        ck = load_checkpoint(runs / name / "best.pt")
+        raw = torch.load(runs / name / "best.pt", weights_only=True)
+        assert set(raw) == set(raw_ref) and raw["format_version"] == raw_ref["format_version"]
+        assert ck.spec == ref.spec and set(ck.metrics) == set(ref.metrics)
+        assert ck.state_dict.keys() == ref.state_dict.keys()
+        assert abs(ck.metrics["accuracy"] - ref.metrics["accuracy"]) <= 0.01  # comparable (here: equal)
+        for g, w in zip(history(runs / name), history(runs / "plain"), strict=True):
+            assert abs(g["train_loss"] - w["train_loss"]) <= 1e-6 and abs(g["val_loss"] - w["val_loss"]) <= 1e-6
+
+
+def test_lightning_missing_is_a_clear_error(workdir, monkeypatch, capsys):
+    import builtins
+
+    from core.errors import run_cli
+    from training import train
+
+    real_import = builtins.__import__
+
+    def no_lightning(name, *a, **k):
+        if name.startswith("lightning"):
+            raise ImportError(name)
+        return real_import(name, *a, **k)
+
+    monkeypatch.setattr(builtins, "__import__", no_lightning)
+    argv = ["--data", "digits", "--model", "linear", "--mode", "scratch", "--epochs", "1", "--engine", "lightning"]
+    assert run_cli(train.main, [*argv, "--workers", "0", "--no-progress"]) == 2
+    assert "pip install lightning" in capsys.readouterr().err
+    assert not (workdir / "artifacts/runs").exists()  # refused before any run folder was made

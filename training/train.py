@@ -335,6 +335,10 @@ def main(argv: list[str] | None = None) -> int:
 def train(args: argparse.Namespace, d: Dist, device: torch.device) -> int:
     if args.sync_bn and device.type != "cuda":
         raise UserError("--sync-bn needs CUDA devices under torchrun (SyncBatchNorm has no CPU kernel)")
+    if args.engine == "lightning":
+        from training import lightning_engine
+
+        lightning_engine.require(d.enabled)
     resumed_run, state = check_resume(args, d.main)
     seed_everything(args.seed, args.deterministic)
     entry = get_entry(args.model)
@@ -377,9 +381,7 @@ def train(args: argparse.Namespace, d: Dist, device: torch.device) -> int:
     run = distributed.broadcast(d, run if d.main else None)
     batches = Batches(args, source, spec, model, weights, device, d)
     if args.engine == "lightning":
-        from training.lightning_engine import fit_lightning
-
-        result = fit_lightning(args, batches, spec, run, state)
+        result = lightning_engine.fit_lightning(args, batches, spec, run, state)
     else:
         result = fit(args, batches, spec, run, state)
     distributed.barrier(d)  # best.pt is on disk before anyone reloads it
