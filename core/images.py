@@ -22,6 +22,10 @@ from PIL import Image, ImageOps
 from core.errors import UserError
 
 ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "GIF", "TIFF", "WEBP", "PPM", "MPO")
+Image.init()
+# MPO (multi-picture JPEG) has no opener of its own: the JPEG opener returns it. Asking Image.open for a
+# format without an opener raises KeyError once every other format has declined the file.
+_OPENERS = tuple(f for f in ALLOWED_FORMATS if f in Image.OPEN)
 IMAGE_SUFFIXES = (".jpg", ".jpeg", ".png", ".bmp", ".gif", ".tif", ".tiff", ".webp", ".ppm", ".pgm")
 # Decoders raise more than UnidentifiedImageError on hostile input (Pillow docs and field notes).
 DECODE_ERRORS = (
@@ -73,7 +77,7 @@ def _open(source: str | os.PathLike | bytes, limits: ImageLimits) -> Image.Image
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("ignore", Image.DecompressionBombWarning)  # our own cap is stricter
-            im = Image.open(fp, formats=ALLOWED_FORMATS)
+            im = Image.open(fp, formats=_OPENERS)
     except Image.UnidentifiedImageError:
         raise ImageError(f"{name}: not a supported image (allowed: {', '.join(ALLOWED_FORMATS)})") from None
     except Image.DecompressionBombError:

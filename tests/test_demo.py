@@ -125,6 +125,36 @@ def test_api_malformed_uploads_get_clear_errors_and_server_keeps_serving(client,
     assert label["label"] in CLASSES
 
 
+def test_api_answers_the_whole_malformed_corpus(client, server, tmp_path):
+    from gradio_client import handle_file
+    from gradio_client.exceptions import AppError
+
+    from tools.malformed_corpus import build
+
+    for case, path in build(tmp_path):
+        t = time.perf_counter()
+        if case.expect == "ok":
+            label, _, _ = client.predict(handle_file(str(path)), None, "m", ["onnx_fp32"], 2, api_name="/predict")
+            assert label["label"] in CLASSES, case.name
+        else:
+            # gradio_client checks the size cap before uploading; the server enforces it too (below)
+            match = "maximum file size" if case.name.startswith("oversized") else case.match
+            with pytest.raises((AppError, ValueError), match=match) as e:
+                client.predict(handle_file(str(path)), None, "m", ["onnx_fp32"], 2, api_name="/predict")
+            assert "Traceback" not in str(e.value), case.name
+        assert time.perf_counter() - t < 3.0, case.name  # 1 s of work + the HTTP round trips
+    label, _, _ = client.predict(handle_file(str(images(server[1])[0])), None, "m", ["pytorch"], 1, api_name="/predict")
+    assert label["label"] in CLASSES  # still serving
+
+
+def test_server_refuses_oversized_upload_itself(server):
+    import httpx
+
+    big = b"\x89PNG\r\n\x1a\n" + b"\0" * (11 * 2**20)  # over --max-file-mb 10, sent without gradio_client
+    r = httpx.post(server[0] + "gradio_api/upload", files={"files": ("big.png", big, "image/png")}, timeout=30)
+    assert r.status_code == 413 and "maximum" in r.text.lower()
+
+
 def test_api_compare_benchmark_and_card(client, server):
     from gradio_client import handle_file
 

@@ -215,7 +215,7 @@ def analyse(dataset: str, items: list[Item], findings: list[Finding], min_size: 
     conflict = [g for g in groups if len({it.label for it in g}) > 1]
     within = [g for g in groups if g not in cross]
     if cross:
-        ex = [" = ".join(_short(it.name) for it in g[:2]) for g in cross]
+        ex = [" = ".join(f"{it.split}:{_short(it.name)}" for it in g[:2]) for g in cross]
         findings.append(
             Finding(
                 "error",

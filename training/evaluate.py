@@ -43,14 +43,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     return p
 
 
-def pick_split(args: argparse.Namespace, train_args: dict, class_names: list[str]) -> tuple[str, Split]:
+def pick_split(args: argparse.Namespace, train_args: dict, class_names: list[str]) -> tuple[str, Split, int]:
+    """(split name, split, files dropped at scan time because they are not readable images)."""
     data = args.data or train_args.get("data", "elpv")
     if args.data and Path(args.data).is_dir() and not (Path(args.data) / "train").is_dir():
         from training.data import scan_folder
 
-        classes, paths, labels, _ = scan_folder(Path(args.data))
+        classes, paths, labels, dropped = scan_folder(Path(args.data))
         _check_classes(classes, class_names)
-        return "all", Split(paths, [class_names.index(classes[i]) for i in labels])
+        return "all", Split(paths, [class_names.index(classes[i]) for i in labels]), dropped
     src = load_source(
         data,
         train_args.get("val_split", 0.15),
@@ -60,11 +61,11 @@ def pick_split(args: argparse.Namespace, train_args: dict, class_names: list[str
     _check_classes(src.class_names, class_names)
     if args.split == "all":
         parts = [s for s in (src.train, src.val, src.test) if s is not None]
-        return "all", Split([i for s in parts for i in s.items], [y for s in parts for y in s.labels])
+        return "all", Split([i for s in parts for i in s.items], [y for s in parts for y in s.labels]), src.skipped
     if args.split == "test" and src.test is None:
         print("note: this dataset has no test split; evaluating on val")
-        return "val", src.val
-    return args.split, getattr(src, args.split)
+        return "val", src.val, src.skipped
+    return args.split, getattr(src, args.split), src.skipped
 
 
 def _check_classes(data_classes: list[str], model_classes: list[str]) -> None:
@@ -80,7 +81,7 @@ def main(argv: list[str] | None = None) -> int:
     path = resolve_checkpoint(args.checkpoint)
     model, ck = load_model(path)
     names = list(ck.spec.class_names)
-    split_name, split = pick_split(args, ck.args, names)
+    split_name, split, dropped = pick_split(args, ck.args, names)
     loader = DataLoader(
         ImageDataset(split, eval_transform(ck.spec)),
         batch_size=args.batch_size,
@@ -92,7 +93,7 @@ def main(argv: list[str] | None = None) -> int:
     if len(labels) == 0:
         raise UserError("no readable images to evaluate")
     m = classification_metrics(logits, labels, names)
-    m.update(split=split_name, skipped=skipped, checkpoint=str(path))
+    m.update(split=split_name, skipped=skipped, unreadable_files=dropped, checkpoint=str(path))
     out = args.out or path.parent / "eval"
     out.mkdir(parents=True, exist_ok=True)
     print(format_report(m, names, split_name))
@@ -110,8 +111,8 @@ def main(argv: list[str] | None = None) -> int:
     pairs = most_confused(m["confusion_matrix"], names)
     if pairs:
         print("Most confused (true -> predicted: count): " + "; ".join(f"{a} -> {b}: {n}" for a, b, n in pairs))
-    if skipped:
-        print(f"{skipped} unreadable images skipped")
+    if skipped or dropped:
+        print(f"{skipped + dropped} unreadable files skipped ({dropped} at scan time, {skipped} at decode)")
     plot_confusion(m["confusion_matrix"], names, out / "confusion_matrix.png", f"{split_name}: {m['accuracy']:.2%}")
     _error_grid(split, logits, labels, names, out / "misclassified.png", args.max_errors)
     for target in filter(None, (out / "metrics.json", args.json)):
