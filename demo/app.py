@@ -11,6 +11,8 @@ with size/pixel caps checked first. Every event has an api_name (see README for 
 from __future__ import annotations
 
 import argparse
+import contextlib
+import signal
 import sys
 from pathlib import Path
 
@@ -37,6 +39,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--queue-size", type=int, default=32, help="waiting requests beyond this get 'queue full'")
     p.add_argument("--concurrency", type=int, default=2, help="predictions processed at once")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per backend")
+    p.add_argument(
+        "--cache-minutes",
+        type=float,
+        default=30.0,
+        help="uploads and generated images are deleted after this long (and all of them at shutdown)",
+    )
     return p
 
 
@@ -49,11 +57,11 @@ class Demo:
             raise gr.Error(f"unknown model {name!r}; choose from {list(self.models)}")
         return self.models[name]
 
-    def predict(self, file: str | None, camera: str | None, name: str, backends: list[str], topk: float):
+    def predict(self, file: bytes | None, camera: str | None, name: str, backends: list[str], topk: float):
         """Top-k per backend, timings and the agreement badge (the crop preview is a separate, UI-only step so
         API clients do not pay for writing and downloading an image on every request)."""
-        source = file or camera
-        if not source:
+        source = file if file is not None else camera  # b"" is an (empty) upload
+        if source is None:
             raise gr.Error("upload an image first (or use the webcam/paste box)")
         m = self.model(name)
         chosen = [b for b in (backends or m.backends()) if b in m.backends()]
@@ -75,10 +83,10 @@ class Demo:
         )
         return dict(preds[0].top), rows, badge
 
-    def preview(self, file: str | None, camera: str | None, name: str):
+    def preview(self, file: bytes | None, camera: str | None, name: str):
         """The exact crop the network sees, enlarged for small inputs (digits, CIFAR) with sharp pixels."""
-        source = file or camera
-        if not source:
+        source = file if file is not None else camera  # b"" is an (empty) upload
+        if source is None:
             return None
         try:
             _, view, _ = prepare(source, self.model(name).spec)
@@ -87,10 +95,10 @@ class Demo:
         scale = max(1, 224 // max(view.size))
         return np.asarray(view.resize((view.width * scale, view.height * scale), Image.Resampling.NEAREST))
 
-    def compare(self, file: str | None, name: str):
+    def compare(self, file: bytes | None, name: str):
         """One image through every backend of the model: one Label and latency line per column."""
         m = self.model(name)
-        if not file:
+        if file is None:
             raise gr.Error("upload an image first")
         try:
             x, _, pre_ms = prepare(file, m.spec)
@@ -134,16 +142,19 @@ class Demo:
         return "\n".join(lines)
 
 
-def build_ui(app: Demo) -> gr.Blocks:
+def build_ui(app: Demo, cache_seconds: int = 1800) -> gr.Blocks:
     names = list(app.models)
     first = app.models[names[0]]
-    with gr.Blocks(title="Classifier demo: every backend side by side") as ui:
+    # delete_cache: (how often to sweep, max age) for gradio's upload/output cache; also emptied at shutdown
+    sweep = (max(10, cache_seconds // 2), cache_seconds)
+    with gr.Blocks(title="Classifier demo: every backend side by side", delete_cache=sweep) as ui:
         gr.Markdown("# Image classifier — PyTorch vs TorchScript vs ONNX fp32 vs ONNX INT8")
         model = gr.Dropdown(names, value=names[0], label="model")
         with gr.Tab("Predict"):
             with gr.Row():
                 with gr.Column():
-                    file = gr.File(label="image file", file_types=["image"], type="filepath", elem_id="upload")
+                    # binary, not filepath: gradio 6's File(type="filepath") leaves an empty temp file per call
+                    file = gr.File(label="image file", file_types=["image"], type="binary", elem_id="upload")
                     camera = gr.Image(
                         label="or webcam / paste", type="filepath", image_mode=None, sources=["webcam", "clipboard"]
                     )
@@ -166,7 +177,7 @@ def build_ui(app: Demo) -> gr.Blocks:
                 app.predict, [file, camera, model, backends, topk], [label, table, badge], api_name="predict"
             ).success(app.preview, [file, camera, model], view, api_name=False)
         with gr.Tab("Compare"):
-            cfile = gr.File(label="image file", file_types=["image"], type="filepath", elem_id="compare-upload")
+            cfile = gr.File(label="image file", file_types=["image"], type="binary", elem_id="compare-upload")
             cgo = gr.Button("Run every backend", variant="primary", elem_id="compare-go")
             outs = []
             with gr.Row():
@@ -206,14 +217,36 @@ def load_models(args: argparse.Namespace) -> dict[str, ServedModel]:
     return models
 
 
+def clear_cache(ui: gr.Blocks) -> int:
+    """Delete every upload and generated file this app put in gradio's cache (and their emptied folders).
+    Gradio does this in its server's shutdown hook, which is skipped when open browser/heartbeat connections
+    keep the server thread from stopping within its 5 s; so the app does it itself on the way out."""
+    removed = 0
+    for files in ui.temp_file_sets:
+        for f in list(files):
+            p = Path(f)
+            with contextlib.suppress(OSError):
+                p.unlink()
+                removed += 1
+                with contextlib.suppress(OSError):
+                    p.parent.rmdir()  # the per-content hash folder, once empty
+            files.discard(f)
+    return removed
+
+
+def _interrupt(signum, frame) -> None:
+    raise KeyboardInterrupt  # SIGTERM (docker stop, systemd) takes the same clean path as Ctrl-C
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if args.max_file_mb <= 0 or args.queue_size < 1 or args.concurrency < 1:
-        raise UserError("--max-file-mb, --queue-size and --concurrency must be positive")
+    if args.max_file_mb <= 0 or args.queue_size < 1 or args.concurrency < 1 or args.cache_minutes <= 0:
+        raise UserError("--max-file-mb, --queue-size, --concurrency and --cache-minutes must be positive")
     app = Demo(load_models(args), args.threads)
-    ui = build_ui(app)
+    ui = build_ui(app, int(args.cache_minutes * 60))
     ui.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
     print(f"serving {len(app.models)} model(s): {', '.join(app.models)}", flush=True)
+    signal.signal(signal.SIGTERM, _interrupt)
     try:
         ui.launch(
             server_name=args.host,
@@ -228,6 +261,9 @@ def main(argv: list[str] | None = None) -> int:
         )
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e}); choose another --port") from None
+    finally:
+        ui.close(verbose=False)
+        print(f"shut down; removed {clear_cache(ui)} cached upload/output files", flush=True)
     return 0
 
 

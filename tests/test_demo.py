@@ -24,6 +24,14 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def tmp_cache(run: Path) -> Path:
+    return run.parent / "gradio-cache"
+
+
+def cache_files(run: Path) -> int:
+    return sum(1 for p in tmp_cache(run).rglob("*") if p.is_file())
+
+
 @pytest.fixture(scope="module")
 def server(exported_run):
     port = free_port()
@@ -42,7 +50,7 @@ def server(exported_run):
         cwd=exported_run.parent.parent.parent,
         stdout=log,
         stderr=subprocess.STDOUT,
-        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False"},
+        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(tmp_cache(exported_run))},
     )
     url = f"http://127.0.0.1:{port}/"
     for _ in range(120):
@@ -57,9 +65,10 @@ def server(exported_run):
         proc.kill()
         raise RuntimeError("demo did not start in 60 s")
     yield url, exported_run
-    proc.terminate()
-    proc.wait(10)
+    proc.terminate()  # SIGTERM, as docker/systemd stop it: a clean shutdown that empties the upload cache
+    assert proc.wait(30) == 0
     log.close()
+    assert cache_files(exported_run) == 0, (exported_run.parent / "demo.log").read_text()[-1000:]
 
 
 @pytest.fixture(scope="module")
@@ -145,6 +154,17 @@ def test_api_answers_the_whole_malformed_corpus(client, server, tmp_path):
         assert time.perf_counter() - t < 3.0, case.name  # 1 s of work + the HTTP round trips
     label, _, _ = client.predict(handle_file(str(images(server[1])[0])), None, "m", ["pytorch"], 1, api_name="/predict")
     assert label["label"] in CLASSES  # still serving
+
+
+def test_repeated_uploads_do_not_pile_up_temp_files(client, server):
+    from gradio_client import handle_file
+
+    img = images(server[1])[1]
+    client.predict(handle_file(str(img)), None, "m", ["onnx_fp32"], 1, api_name="/predict")
+    before = cache_files(server[1])
+    for _ in range(10):
+        client.predict(handle_file(str(img)), None, "m", ["onnx_fp32"], 1, api_name="/predict")
+    assert cache_files(server[1]) == before  # same content -> same cached file; nothing per request
 
 
 def test_server_refuses_oversized_upload_itself(server):
