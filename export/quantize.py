@@ -11,6 +11,7 @@ the search retries; if still none fits, no INT8 model is written and the exit co
 from __future__ import annotations
 
 import argparse
+import inspect
 import os
 import tempfile
 import time
@@ -80,8 +81,21 @@ class _Reader(CalibrationDataReader):
         return next(self.batches, None)
 
 
-def quantize_one(src: Path, out: Path, calib: np.ndarray, cfg: QConfig, exclude: list[str] | None = None) -> Path:
+# Recent onnxruntime releases can reuse calibration ranges from a JSON cache. The ranges depend on the model, the
+# data and the calibration method only, so every candidate of one method shares a single calibration pass.
+_CACHE_OK = "calibration_cache_path" in inspect.signature(quantize_static).parameters
+
+
+def quantize_one(
+    src: Path,
+    out: Path,
+    calib: np.ndarray,
+    cfg: QConfig,
+    exclude: list[str] | None = None,
+    cache_dir: Path | None = None,
+) -> Path:
     name = make_session(src).get_inputs()[0].name
+    cache = {"calibration_cache_path": cache_dir / f"ranges-{cfg.calibration}.json"} if cache_dir and _CACHE_OK else {}
     quantize_static(
         str(src),
         str(out),
@@ -94,6 +108,7 @@ def quantize_one(src: Path, out: Path, calib: np.ndarray, cfg: QConfig, exclude:
         calibrate_method=getattr(CalibrationMethod, cfg.calibration),
         nodes_to_exclude=exclude or [],
         extra_options={"ActivationSymmetric": cfg.activations == "S8"},
+        **cache,
     )
     return out
 
@@ -145,7 +160,9 @@ def throughput(path: Path, x: np.ndarray, threads: int, batch: int = 32, repeats
     return batch / float(np.median(times))
 
 
-def sensitive_nodes(src: Path, calib: np.ndarray, cfg: QConfig, top: int = 3) -> list[str]:
+def sensitive_nodes(
+    src: Path, calib: np.ndarray, cfg: QConfig, top: int = 3, cache_dir: Path | None = None
+) -> list[str]:
     """Nodes whose outputs drift most under quantization (ORT's QDQ loss debugging)."""
     from onnxruntime.quantization.qdq_loss_debug import (
         collect_activations,
@@ -160,6 +177,7 @@ def sensitive_nodes(src: Path, calib: np.ndarray, cfg: QConfig, top: int = 3) ->
             Path(d) / "q.onnx",
             calib,
             QConfig("QDQ", cfg.activations, cfg.per_channel, cfg.calibration, cfg.reduce_range),
+            cache_dir=cache_dir,
         )
         name = make_session(src).get_inputs()[0].name
         small = calib[:16]
@@ -199,7 +217,7 @@ def search(
             for cfg in configs:
                 cand = Path(d) / f"{cfg.name}-{attempt}.onnx"
                 try:
-                    quantize_one(pre, cand, calib, cfg, exclude)
+                    quantize_one(pre, cand, calib, cfg, exclude, Path(d))
                     stats = compare(ref, run_onnx(cand, held_x, threads), held_y)
                 except Exception as e:
                     rows.append({"config": cfg.name, "error": str(e).splitlines()[0][:100], "fits": False})
@@ -221,7 +239,7 @@ def search(
                 break
             best = max((r for r in rows if "error" not in r), key=lambda r: r["agreement"], default=None)
             cfg = next((c for c in configs if best and c.name == best["config"]), configs[0])
-            exclude = sensitive_nodes(pre, calib, cfg)
+            exclude = sensitive_nodes(pre, calib, cfg, cache_dir=Path(d))
             # formats and activation types behave alike under exclusion: retry the closest configuration and
             # its QOperator/QDQ twin only, instead of the whole search again
             twin = QConfig(
