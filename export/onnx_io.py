@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import warnings
 from pathlib import Path
 
 import numpy as np
@@ -12,7 +11,9 @@ import onnx
 import torch
 from torch import nn
 
+from core.atomic import atomic_write
 from core.errors import UserError
+from core.onnx_export import torch_to_onnx
 from core.spec import ModelSpec
 from export.runtime import SPEC_KEY, make_session
 
@@ -68,7 +69,7 @@ def export_onnx(
     errors = []
     for use_dynamo in tries:
         try:
-            _torch_export(model, x, tmp, axes, opset, use_dynamo)
+            torch_to_onnx(model, x, tmp, axes, opset, use_dynamo)
             break
         except Exception as e:
             tmp.unlink(missing_ok=True)
@@ -82,28 +83,6 @@ def export_onnx(
     return path
 
 
-def _torch_export(model: nn.Module, x: torch.Tensor, out: Path, axes: dict[int, str], opset: int, dynamo: bool):
-    if dynamo:  # torch.export-based: symbolic dims, opset >= 18
-        dims = {k: torch.export.Dim(v, min=1, max=4096) for k, v in axes.items()}
-        specific = {
-            "dynamic_shapes": {"x": dims},
-            "opset_version": max(opset, 18),
-            "external_data": False,
-            "verbose": False,
-        }
-    else:  # TorchScript-based
-        specific = {
-            "dynamic_axes": {"input": axes, "logits": {0: "batch"}},
-            "opset_version": opset,
-            "do_constant_folding": True,
-        }
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            model, (x,), str(out), input_names=["input"], output_names=["logits"], dynamo=dynamo, **specific
-        )
-
-
 def set_metadata(path: Path, spec: ModelSpec, extra: dict[str, object]) -> None:
     m = onnx.load(str(path))
     props = {SPEC_KEY: spec.to_json(), **{k: json.dumps(v, default=str) for k, v in extra.items()}}
@@ -115,13 +94,7 @@ def set_metadata(path: Path, spec: ModelSpec, extra: dict[str, object]) -> None:
 
 
 def save_atomic(model: onnx.ModelProto, path: Path) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        onnx.save(model, str(tmp))
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({e.strerror})") from None
+    atomic_write(path, model.SerializeToString())
 
 
 def run_onnx(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:

@@ -21,6 +21,7 @@ from torch import nn
 from tqdm import tqdm
 
 from core.images import ImageError
+from core.onnx_export import torch_to_onnx
 from core.preprocess import preprocess
 from core.spec import ModelSpec
 from training.data import Split, load_item
@@ -69,22 +70,11 @@ def _ort_runner(backbone: nn.Module, spec: ModelSpec, tmp: Path):
 
     path = tmp / "backbone.onnx"
     x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
-    with warnings.catch_warnings():
-        warnings.simplefilter("ignore")
-        torch.onnx.export(
-            backbone,
-            (x,),
-            str(path),
-            input_names=["x"],
-            output_names=["f"],
-            dynamic_axes={"x": {0: "n"}},
-            dynamo=False,
-            opset_version=17,
-        )
+    torch_to_onnx(backbone, x, path, {0: "batch"}, 17, dynamo=False, output_name="features")
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
-    return lambda a: sess.run(None, {"x": a})[0]
+    return lambda a: sess.run(None, {"input": a})[0]
 
 
 def _torch_runner(backbone: nn.Module, device: torch.device):
