@@ -132,14 +132,25 @@ def _decode(im: Image.Image) -> None:
 
 
 def load_image(
-    source: str | os.PathLike | bytes | np.ndarray | Image.Image, limits: ImageLimits = DEFAULT_LIMITS
+    source: str | os.PathLike | bytes | np.ndarray | Image.Image,
+    limits: ImageLimits = DEFAULT_LIMITS,
+    reduce_to: tuple[int, int] | None = None,
 ) -> Image.Image:
-    """Decode `source` into an upright RGB or L image, or raise ImageError (one line)."""
+    """Decode `source` into an upright RGB or L image, or raise ImageError (one line).
+
+    `reduce_to=(w, h)`: a JPEG at least twice that size in both sides is decoded at 1/2, 1/4 or 1/8 scale by
+    libjpeg's scaled IDCT (never below w x h): a 1-megapixel upload bound for a 300 px network decodes at
+    512 x 512, faster and without a full-size buffer. Every eval path (training's validation/test loaders,
+    feature caching, export validation, the runtime, the demo) asks for the same size via
+    `core.preprocess.decode_size`, so they keep seeing identical pixels."""
     if isinstance(source, Image.Image):
         return _to_rgb_or_l(ImageOps.exif_transpose(source) or source)
     if isinstance(source, np.ndarray):
         return _array_to_image(source)
     im = _open(source, limits)
+    if reduce_to and im.format in ("JPEG", "MPO"):
+        with contextlib.suppress(*DECODE_ERRORS):
+            im.draft(None, reduce_to)
     _decode(im)
     with contextlib.suppress(*DECODE_ERRORS):  # malformed EXIF: keep the stored orientation
         im = ImageOps.exif_transpose(im) or im

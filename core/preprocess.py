@@ -56,11 +56,20 @@ def model_view(im: Image.Image, spec: ModelSpec) -> Image.Image:
 
 
 def normalize(view: Image.Image, spec: ModelSpec) -> np.ndarray:
-    a = np.asarray(view, dtype=np.float32) / 255.0
-    if a.ndim == 2:
-        a = a[:, :, None]
-    a = (a - np.asarray(spec.mean, np.float32)) / np.asarray(spec.std, np.float32)  # 1 -> C channels
-    return np.ascontiguousarray(a.transpose(2, 0, 1))
+    """uint8 HW(C) -> float32 CHW, (x / 255 - mean) / std per channel; a 1-channel view fills every channel."""
+    a = np.asarray(view, dtype=np.float32)
+    planes = [a] if a.ndim == 2 else [a[:, :, c] for c in range(a.shape[2])]
+    out = np.empty((len(spec.mean), a.shape[0], a.shape[1]), np.float32)
+    for c, (m, s) in enumerate(zip(spec.mean, spec.std, strict=True)):
+        np.multiply(planes[c % len(planes)], np.float32(1.0 / (255.0 * s)), out=out[c])
+        out[c] -= np.float32(m / s)
+    return out
+
+
+def decode_size(spec: ModelSpec) -> tuple[int, int]:
+    """The smallest decode that loses nothing before this spec's resize (see core.images.load_image)."""
+    side = spec.image_size if spec.crop == "squash" else spec.resize_size
+    return side, side
 
 
 def preprocess(im: Image.Image, spec: ModelSpec) -> np.ndarray:

@@ -69,25 +69,31 @@ def stratified_split(
     return pick(a), pick(b)
 
 
-def load_item(item: Any) -> Image.Image:
+def load_item(item: Any, reduce_to: tuple[int, int] | None = None) -> Image.Image:
+    """A split item as an upright RGB/L image; `reduce_to`: see core.images.load_image (eval paths only)."""
     if isinstance(item, tuple):  # (torchvision dataset, index)
         ds, i = item
         return load_image(ds[i][0])
-    return load_image(item)
+    return load_image(item, reduce_to=reduce_to)
 
 
 class ImageDataset(Dataset):
     """Decodes lazily; an unreadable file yields None (dropped by `collate_skip`) and one warning."""
 
-    def __init__(self, split: Split, transform: Callable[[Image.Image], torch.Tensor]) -> None:
-        self.split, self.transform = split, transform
+    def __init__(
+        self,
+        split: Split,
+        transform: Callable[[Image.Image], torch.Tensor],
+        reduce_to: tuple[int, int] | None = None,
+    ) -> None:
+        self.split, self.transform, self.reduce_to = split, transform, reduce_to
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int):
         try:
-            im = load_item(self.split.items[i])
+            im = load_item(self.split.items[i], self.reduce_to)
         except ImageError as e:
             warnings.warn(f"skipping unreadable image: {e}", stacklevel=1)
             return None

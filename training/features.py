@@ -22,7 +22,7 @@ from tqdm import tqdm
 
 from core.images import ImageError
 from core.onnx_export import torch_to_onnx
-from core.preprocess import preprocess
+from core.preprocess import decode_size, preprocess
 from core.spec import ModelSpec
 from training.data import Split, load_item
 
@@ -37,7 +37,7 @@ def _item_key(item: object) -> str:
     return f"{type(ds).__name__}:{getattr(ds, 'root', '')}:{i}"
 
 
-CACHE_VERSION = 2  # bump when backbone code changes what features come out
+CACHE_VERSION = 3  # bump when backbone code changes what features come out
 
 
 def cache_key(spec: ModelSpec, weights: str | None, split: Split) -> str:
@@ -57,7 +57,7 @@ def _batches(split: Split, spec: ModelSpec, batch_size: int) -> Iterator[tuple[n
         arrays, keep = [], []
         for i in range(start, min(start + batch_size, len(split))):
             try:
-                arrays.append(preprocess(load_item(split.items[i]), spec))
+                arrays.append(preprocess(load_item(split.items[i], decode_size(spec)), spec))
                 keep.append(i)
             except ImageError as e:
                 warnings.warn(f"skipping unreadable image: {e}", stacklevel=1)

@@ -22,6 +22,7 @@ from core.checkpoint import Checkpoint, safe_torch_load, save_checkpoint
 from core.errors import UserError, run_cli
 from core.models import ModelEntry, arch_kwargs_for_spec, create_model, get_entry
 from core.models.classifier import init_weights
+from core.preprocess import decode_size
 from core.spec import ModelSpec
 from core.transforms import eval_transform, train_transform
 from training import check_data, distributed, features
@@ -102,9 +103,9 @@ def resolve_weights(args: argparse.Namespace, entry: ModelEntry) -> str | None:
     return weights
 
 
-def image_loader(split: Split, transform, args: argparse.Namespace, sampler) -> DataLoader:
+def image_loader(split: Split, transform, args: argparse.Namespace, sampler, reduce_to=None) -> DataLoader:
     return DataLoader(
-        ImageDataset(split, transform),
+        ImageDataset(split, transform, reduce_to),
         batch_size=args.batch_size,
         sampler=sampler,
         num_workers=args.workers,
@@ -167,7 +168,8 @@ class Batches:
             return image_loader(
                 split, self._train_tf, self.args, distributed.EpochSampler(len(split), self.args.seed, epoch, self.d)
             )
-        return image_loader(split, self._eval_tf, self.args, distributed.eval_indices(len(split), self.d))
+        sampler = distributed.eval_indices(len(split), self.d)
+        return image_loader(split, self._eval_tf, self.args, sampler, decode_size(self.spec))
 
     def predict(self, name: str, split: Split) -> tuple[np.ndarray, np.ndarray, int]:
         """Logits and labels of a whole split, computed in shards and gathered on every rank."""
