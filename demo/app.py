@@ -40,6 +40,12 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--concurrency", type=int, default=2, help="predictions processed at once")
     p.add_argument("--threads", type=int, default=2, help="CPU threads per backend")
     p.add_argument(
+        "--max-sessions",
+        type=int,
+        default=1000,
+        help="sessions whose UI state is kept in memory (oldest evicted): bounds memory under many clients",
+    )
+    p.add_argument(
         "--cache-minutes",
         type=float,
         default=30.0,
@@ -240,8 +246,8 @@ def _interrupt(signum, frame) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    if args.max_file_mb <= 0 or args.queue_size < 1 or args.concurrency < 1 or args.cache_minutes <= 0:
-        raise UserError("--max-file-mb, --queue-size, --concurrency and --cache-minutes must be positive")
+    if min(args.max_file_mb, args.queue_size, args.concurrency, args.cache_minutes, args.max_sessions) <= 0:
+        raise UserError("--max-file-mb, --queue-size, --concurrency, --cache-minutes, --max-sessions must be positive")
     app = Demo(load_models(args), args.threads)
     ui = build_ui(app, int(args.cache_minutes * 60))
     ui.queue(max_size=args.queue_size, default_concurrency_limit=args.concurrency)
@@ -258,6 +264,9 @@ def main(argv: list[str] | None = None) -> int:
             ssr_mode=False,
             allowed_paths=[str(d) for d in {p.parent for m in app.models.values() for p in example_files(m)}],
             footer_links=["api"],
+            # gradio keeps a ~100 KB copy of the UI config per session for 10,000 sessions by default: every
+            # REST call without a session is a new one, so a public demo would grow by ~1 GB before evicting
+            state_session_capacity=args.max_sessions,
         )
     except OSError as e:
         raise UserError(f"cannot listen on {args.host}:{args.port} ({e}); choose another --port") from None

@@ -58,12 +58,47 @@ def worker(url: str, image: str, model: str, backend: str, deadline: float, out:
             out.append(rec)
 
 
-def run_level(url: str, image: str, model: str, backend: str, clients: int, seconds: float) -> dict:
+def http_worker(url: str, image: str, model: str, backend: str, deadline: float, out: list, lock: threading.Lock):
+    """The same three server steps as gradio_client (upload, join the queue, read the result stream) over Gradio's
+    documented REST routes with one keep-alive connection: a lighter client, so more of the 2 cores go to the
+    server being measured."""
+    import json
+
+    import httpx
+
+    files = {"files": (Path(image).name, Path(image).read_bytes())}
+    with httpx.Client(base_url=url, timeout=60) as h:
+        while time.perf_counter() < deadline:
+            t = time.perf_counter()
+            try:
+                path = h.post("gradio_api/upload", files=files).raise_for_status().json()[0]
+                payload = {"data": [{"path": path, "meta": {"_type": "gradio.FileData"}}, None, model, [backend], 1]}
+                r = h.post("gradio_api/call/predict", json=payload)
+                if r.status_code == 503:
+                    rec = ("queue_full", time.perf_counter() - t, float("nan"))
+                else:
+                    event = r.raise_for_status().json()["event_id"]
+                    text = h.get(f"gradio_api/call/predict/{event}").raise_for_status().text
+                    if "event: complete" not in text:
+                        raise RuntimeError(text.strip().splitlines()[-1][:120])
+                    line = next(x for x in text.splitlines() if x.startswith("data:"))
+                    row = json.loads(line[5:])[1]["data"][0]
+                    rec = ("ok", time.perf_counter() - t, float(row[3]) + float(row[4]))
+            except Exception as e:
+                rec = ("error", time.perf_counter() - t, float("nan"), f"{type(e).__name__}: {str(e)[:120]}")
+            with lock:
+                out.append(rec)
+
+
+def run_level(
+    url: str, image: str, model: str, backend: str, clients: int, seconds: float, client: str = "gradio"
+) -> dict:
     out: list = []
     lock = threading.Lock()
     deadline = time.perf_counter() + seconds
+    target = http_worker if client == "http" else worker
     threads = [
-        threading.Thread(target=worker, args=(url, image, model, backend, deadline, out, lock)) for _ in range(clients)
+        threading.Thread(target=target, args=(url, image, model, backend, deadline, out, lock)) for _ in range(clients)
     ]
     t0 = time.perf_counter()
     for th in threads:
@@ -100,6 +135,12 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--levels", type=int, nargs="+", default=[1, 4, 8, 16])
     p.add_argument("--seconds", type=float, default=30.0)
     p.add_argument("--server-pid", type=int, help="server process id, to report its RSS before/after")
+    p.add_argument(
+        "--client",
+        choices=("gradio", "http"),
+        default="gradio",
+        help="gradio_client (what users script with) or raw HTTP on Gradio's REST routes (lighter)",
+    )
     args = p.parse_args(argv)
     model = args.model
     image = args.image or str(make_jpeg(Path(tempfile.mkdtemp()) / "1mp.jpg"))
@@ -109,7 +150,7 @@ def main(argv: list[str] | None = None) -> int:
     )
     print("|---|---|---|---|---|---|---|---|---|---|")
     for level in args.levels:
-        r = run_level(args.url, image, model, args.backend, level, args.seconds)
+        r = run_level(args.url, image, model, args.backend, level, args.seconds, args.client)
         print(
             f"| {r['clients']} | {r['requests']} | {r['ok']} | {r['req_per_s']:.1f} | {r['p50_ms']:.1f} | "
             f"{r['p95_ms']:.1f} | {r['p99_ms']:.1f} | {r['server_p50_ms']:.1f} | "

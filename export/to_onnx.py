@@ -76,15 +76,34 @@ def export_fp32(model, ck, ck_path: Path, out: Path, args, probe) -> tuple[Path,
     return final, {"meta": meta, "simplify": info}
 
 
+class Stages:
+    """Wall time per step, for the summary line and export.json (where does an export spend its minutes?)."""
+
+    def __init__(self) -> None:
+        self.t0 = self.last = time.perf_counter()
+        self.seconds: dict[str, float] = {}
+
+    def done(self, name: str) -> None:
+        now = time.perf_counter()
+        self.seconds[name] = round(now - self.last, 1)
+        self.last = now
+
+    def line(self) -> str:
+        return ", ".join(f"{k} {v:.0f} s" for k, v in self.seconds.items())
+
+
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    t0 = time.perf_counter()
+    stages = Stages()
+    t0 = stages.t0
     ck_path = default_checkpoint(args.checkpoint)
     model, ck = load_model(ck_path)
     out = output_dir(ck_path, args.out)
     calib, held, desc = data_for(ck, 0 if args.no_int8 else args.calib_images, args.max_images)
     print(f"exporting {ck_path} -> {out}/  (held-out: {desc})")
+    stages.done("load")
     fp32, info = export_fp32(model, ck, ck_path, out, args, held.x[:1])
+    stages.done("onnx")
     summary = {"fp32": fp32.name, **info}
     chosen = fp32
     if not args.no_int8:
@@ -97,12 +116,14 @@ def main(argv: list[str] | None = None) -> int:
         if qrep["chosen"]:
             onnx_io.set_metadata(int8, ck.spec, {**info["meta"], "precision": "int8", "quant_config": qrep["chosen"]})
             chosen = int8
+        stages.done("int8 search")
     if not args.no_ort:
         for stale in ("model.ort", "model.int8.ort"):
             (out / stale).unlink(missing_ok=True)
         onnx_io.to_ort_format(chosen, out / chosen.name.replace(".onnx", ".ort"))
     if not args.no_torchscript:
         export_torchscript(model, ck, out)
+    stages.done("ort+torchscript")
     paths = validate.existing_artifacts(out)
     ok, known = True, {}
     if not args.no_validate:
@@ -118,17 +139,20 @@ def main(argv: list[str] | None = None) -> int:
         validate.write_report(rep, out)
         ok = rep["passed"]
         known = {"pytorch": rep["pytorch_accuracy"], **{r["artifact"]: r["accuracy"] for r in rep["artifacts"]}}
+        stages.done("validate")
     if not args.no_benchmark:
         print("benchmark:")
         rows = benchmark(model, ck_path, paths, held.x, held.y, args.threads, 30, known)
         print(write_outputs(rows, out, device_line(args.threads)))
-    write_json(out / "export.json", {**summary, "seconds": round(time.perf_counter() - t0, 1)})
+        stages.done("benchmark")
+    total = round(time.perf_counter() - t0, 1)
+    write_json(out / "export.json", {**summary, "seconds": total, "stage_seconds": stages.seconds})
     for p in sorted(out.iterdir()):
         if p.is_file() and not p.name.startswith("."):
             print(f"  {p.name:<22} {p.stat().st_size / 2**20:8.2f} MB")
     int8_refused = not args.no_int8 and not summary.get("int8")
     verdict = "FAILED validation" if not ok else "INT8 REFUSED (outside budget)" if int8_refused else "passed"
-    print(f"export {verdict} in {time.perf_counter() - t0:.0f} s -> {out}")
+    print(f"export {verdict} in {total:.0f} s ({stages.line()}) -> {out}")
     return 1 if not ok else 3 if int8_refused else 0
 
 

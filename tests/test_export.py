@@ -39,6 +39,10 @@ def test_one_shot_export_validates_every_artifact(exported_run):
     q = json.loads((out / "quantization.json").read_text())
     assert q["chosen"] and len(q["candidates"]) >= 4
     assert (out / "model.int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
+    summary = json.loads((out / "export.json").read_text())
+    stages = summary["stage_seconds"]
+    assert set(stages) == {"load", "onnx", "int8 search", "ort+torchscript", "validate", "benchmark"}
+    assert 0 < sum(stages.values()) <= summary["seconds"] + 1  # each rounded to 0.1 s
 
 
 def test_spec_survives_onnx_and_torchscript(run_dir):
