@@ -15,6 +15,7 @@ import torch
 
 from core.checkpoint import load_checkpoint
 from tests.conftest import make_folder
+from tests.test_train import FAST
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4
@@ -44,13 +45,7 @@ def train_cmd(data: Path, name: str, *extra: str) -> list[str]:
         "--deterministic",
         "--epochs",
         str(EPOCHS),
-        "--image-size",
-        "32",
-        "--batch-size",
-        "8",
-        "--workers",
-        "0",
-        "--no-progress",
+        *FAST,
         "--name",
         name,
         *extra,
