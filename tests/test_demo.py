@@ -167,6 +167,15 @@ def test_repeated_uploads_do_not_pile_up_temp_files(client, server):
     assert cache_files(server[1]) == before  # same content -> same cached file; nothing per request
 
 
+@pytest.mark.parametrize("client_kind", ["gradio", "http"])
+def test_loadtest_clients_drive_the_real_predict_path(server, client_kind):
+    from demo.loadtest import run_level
+
+    r = run_level(server[0], str(images(server[1])[2]), "m", "onnx_fp32", 2, 2.0, client_kind)
+    assert r["ok"] >= 2 and r["errors"] == 0, r["first_error"]
+    assert r["server_p50_ms"] > 0 and r["p50_ms"] >= r["server_p50_ms"]  # the app's own timing came back
+
+
 def test_server_refuses_oversized_upload_itself(server):
     import httpx
 
