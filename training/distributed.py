@@ -98,30 +98,14 @@ def gather_arrays(d: Dist, *arrays: np.ndarray) -> tuple[np.ndarray, ...]:
     return tuple(out)
 
 
-def epoch_order(n: int, seed: int, epoch: int, shuffle: bool, d: Dist) -> list[int]:
-    """This rank's indices for one epoch: a seeded permutation, padded to a multiple of the world size
-    (like DistributedSampler), then strided so that rank r holds positions r, r+W, r+2W, ..."""
-    if shuffle:
-        g = torch.Generator().manual_seed(seed * 100_003 + epoch)
-        order = torch.randperm(n, generator=g).tolist()
-    else:
-        order = list(range(n))
+def epoch_order(n: int, seed: int, epoch: int, d: Dist) -> list[int]:
+    """This rank's training indices for one epoch: a seeded permutation, padded to a multiple of the world
+    size (like DistributedSampler), then strided so that rank r holds positions r, r+W, r+2W, ..."""
+    g = torch.Generator().manual_seed(seed * 100_003 + epoch)
+    order = torch.randperm(n, generator=g).tolist()
     if d.world > 1 and n % d.world:
         order += order[: d.world - n % d.world]
     return order[d.rank :: d.world]
-
-
-class EpochSampler(torch.utils.data.Sampler):
-    """Training sampler: `epoch_order` for the epoch it was built for (a new loader per epoch)."""
-
-    def __init__(self, n: int, seed: int, epoch: int, d: Dist) -> None:
-        self.indices = epoch_order(n, seed, epoch, True, d)
-
-    def __iter__(self):
-        return iter(self.indices)
-
-    def __len__(self) -> int:
-        return len(self.indices)
 
 
 def eval_indices(n: int, d: Dist) -> list[int]:

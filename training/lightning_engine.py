@@ -49,9 +49,8 @@ def fit_lightning(args: argparse.Namespace, batches, spec: ModelSpec, run: Path,
         model.load_state_dict(state["model"])
         print(f"resuming {run.name} at epoch {rec.start}/{args.epochs}")
     remaining = args.epochs - rec.start + 1
-    t0, wall0 = time.perf_counter(), float((state or {}).get("wall", 0.0))
     if remaining < 1:
-        return {**rec.close(), "wall": wall0}
+        return rec.close()
 
     class Module(pl.LightningModule):
         def __init__(self) -> None:
@@ -112,7 +111,6 @@ def fit_lightning(args: argparse.Namespace, batches, spec: ModelSpec, run: Path,
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "scaler": None,
-                "wall": wall0 + time.perf_counter() - t0,
                 "engine": "lightning",
             }
             lr = opt.param_groups[-1]["lr"]
@@ -136,4 +134,4 @@ def fit_lightning(args: argparse.Namespace, batches, spec: ModelSpec, run: Path,
         default_root_dir=str(run),
     )
     trainer.fit(Module())
-    return {**rec.close(), "wall": wall0 + time.perf_counter() - t0}
+    return rec.close()

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import csv
 import io
+import time
 from pathlib import Path
 from typing import Any
 
@@ -36,10 +37,11 @@ class EpochRecorder:
         self.args, self.spec, self.run, self.main = args, spec, run, main
         self.history: list[dict[str, Any]] = []
         self.best: dict[str, Any] = {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}
-        self.bad, self.start, self.seconds = 0, 1, 0.0
+        self.bad, self.start = 0, 1
+        self._t0, self._wall0 = time.perf_counter(), 0.0  # wall time of this process + of earlier ones (resume)
         if state:
             self.history, self.best, self.bad = state["history"], state["best"], state["bad_epochs"]
-            self.start, self.seconds = state["epoch"] + 1, float(state.get("seconds", 0.0))
+            self.start, self._wall0 = state["epoch"] + 1, float(state.get("wall", 0.0))
         self.tb = _tensorboard(run) if main else None
 
     def end_epoch(
@@ -55,7 +57,6 @@ class EpochRecorder:
         """Record one epoch, save, log. Returns True when early stopping says stop."""
         val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
         val_acc = float((val_logits.argmax(1) == val_labels).mean())
-        self.seconds += train["seconds"]
         row = {
             "epoch": epoch,
             "lr": lr,
@@ -96,7 +97,7 @@ class EpochRecorder:
             "history": self.history,
             "best": self.best,
             "bad_epochs": self.bad,
-            "seconds": self.seconds,
+            "wall": self.wall,
             "args": vars_json(self.args),
         }
         atomic_torch_save(state, self.run / "resume.pt")
@@ -120,10 +121,14 @@ class EpochRecorder:
             flush=True,
         )
 
+    @property
+    def wall(self) -> float:
+        return self._wall0 + time.perf_counter() - self._t0
+
     def close(self) -> dict[str, Any]:
         if self.tb:
             self.tb.close()
-        return {"history": self.history, "best": self.best, "seconds": self.seconds}
+        return {"history": self.history, "best": self.best, "wall": self.wall}
 
 
 def _tensorboard(run: Path):

@@ -9,7 +9,6 @@ python training/train.py --resume                   # continue artifacts/runs/la
 from __future__ import annotations
 
 import argparse
-import time
 from pathlib import Path
 
 import numpy as np
@@ -156,20 +155,15 @@ class Batches:
         return self._features[name]
 
     def loader(self, name: str, split: Split, train: bool, epoch: int = 0):
+        """This rank's batches: a shard of the epoch's permutation (train) or a strided shard (eval)."""
+        x, y = self._cached(name, split) if self.use_features else (None, None)
+        n = len(y) if self.use_features else len(split)  # features: only the images that decoded
+        ix = distributed.epoch_order(n, self.args.seed, epoch, self.d) if train else distributed.eval_indices(n, self.d)
         if self.use_features:
-            x, y = self._cached(name, split)
-            ix = (
-                distributed.epoch_order(len(y), self.args.seed, epoch, True, self.d)
-                if train
-                else distributed.eval_indices(len(y), self.d)
-            )
             return features.FeatureLoader(x, y, self.args.batch_size, ix)
         if train:
-            return image_loader(
-                split, self._train_tf, self.args, distributed.EpochSampler(len(split), self.args.seed, epoch, self.d)
-            )
-        sampler = distributed.eval_indices(len(split), self.d)
-        return image_loader(split, self._eval_tf, self.args, sampler, decode_size(self.spec))
+            return image_loader(split, self._train_tf, self.args, ix)  # a list of indices serves as the sampler
+        return image_loader(split, self._eval_tf, self.args, ix, decode_size(self.spec))
 
     def predict(self, name: str, split: Split) -> tuple[np.ndarray, np.ndarray, int]:
         """Logits and labels of a whole split, computed in shards and gathered on every rank."""
@@ -218,7 +212,6 @@ def fit(args, batches: Batches, spec: ModelSpec, run: Path, state: dict | None) 
     sched = make_scheduler(opt, args.schedule, args.epochs, steps, args.warmup_epochs, args.step_size, args.gamma)
     scaler = torch.amp.GradScaler("cuda") if args.amp == "fp16" and device.type == "cuda" else None
     rec = EpochRecorder(args, spec, run, d.main, state)
-    t0, wall0 = time.perf_counter(), float((state or {}).get("wall", 0.0))
     if state:
         model.load_state_dict(state["model"])
         opt.load_state_dict(state["optimizer"])
@@ -258,11 +251,10 @@ def fit(args, batches: Batches, spec: ModelSpec, run: Path, state: dict | None) 
             "optimizer": opt.state_dict(),
             "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict() if scaler else None,
-            "wall": wall0 + time.perf_counter() - t0,
         }
         if rec.end_epoch(epoch, train, logits, labels, opt.param_groups[-1]["lr"], model, resume_state):
             break
-    return {**rec.close(), "wall": wall0 + time.perf_counter() - t0}
+    return rec.close()
 
 
 def finish(args, batches: Batches, spec: ModelSpec, run: Path, result: dict) -> dict | None:
