@@ -17,6 +17,7 @@ import argparse
 import hashlib
 import json
 import os
+import warnings
 from collections import Counter, defaultdict
 from collections.abc import Iterable
 from concurrent.futures import ThreadPoolExecutor
@@ -29,7 +30,7 @@ import numpy as np
 from core.atomic import atomic_write
 from core.errors import UserError, run_cli
 from core.images import ImageError, inspect_image, is_image_file
-from training.data import BUILTIN, DataSource, load_source, stratified_split
+from training.data import BUILTIN, DataSource, folder_source, load_source
 
 LEVELS = ("error", "warning", "info")
 # Stored modes the loader converts; reported as info so users know what happens to their pixels.
@@ -133,8 +134,8 @@ def _inspect_array(it: Item, a: np.ndarray) -> Item:
     return it
 
 
-def _folder_items(root: Path, val_split: float) -> tuple[list[Item], list[Finding]]:
-    """Every file under the ImageFolder layout, assigned to the split training will put it in."""
+def _folder_items(root: Path) -> tuple[list[Item], list[Finding]]:
+    """Every file under the ImageFolder layout, by split folder ('all' for a single folder of classes)."""
     findings: list[Finding] = []
     layout = (
         [(s, root / s) for s in ("train", "val", "test") if (root / s).is_dir()]
@@ -184,20 +185,20 @@ def _inspect_all(pairs: Iterable[tuple[Item, Any]], workers: int) -> list[Item]:
     return [it for it, _ in pairs]
 
 
-def _split_single_folder(items: list[Item], val_split: float) -> None:
-    """Assign 'all' items to train/val exactly as training's stratified split will."""
-    good = [it for it in items if it.split == "all" and it.error is None]
-    if not good:
+def _split_single_folder(items: list[Item], root: Path, val_split: float) -> None:
+    """Assign 'all' items to the train/val part training will put them in, by running training's own split."""
+    if not any(it.split == "all" for it in items):
         return
-    counts = Counter(it.label for it in good)
-    if min(counts.values()) < 2:
-        return  # training refuses this layout with its own message
-    classes = sorted(counts)
-    train, val = stratified_split(good, [classes.index(it.label) for it in good], val_split)
-    for it in train.items:
-        it.split = "train"
-    for it in val.items:
-        it.split = "val"
+    try:
+        with warnings.catch_warnings():
+            warnings.simplefilter("ignore")  # unreadable files are findings here, not warnings
+            src = folder_source(root, val_split)
+    except UserError:
+        return  # training refuses this layout (empty class, < 2 images) with its own message
+    where = {str(p): "train" for p in src.train.items} | {str(p): "val" for p in src.val.items}
+    for it in items:
+        if it.split == "all" and it.name in where:
+            it.split = where[it.name]
 
 
 def analyse(dataset: str, items: list[Item], findings: list[Finding], min_size: int, imbalance: float) -> HealthReport:
@@ -304,9 +305,9 @@ def check_data(
     root = Path(data)
     if not root.is_dir():
         raise UserError(f"data folder {root} does not exist; give an ImageFolder path or one of {BUILTIN}")
-    items, findings = _folder_items(root, val_split)
+    items, findings = _folder_items(root)
     items = _inspect_all(((it, None) for it in items), workers)
-    _split_single_folder(items, val_split)
+    _split_single_folder(items, root, val_split)
     return analyse(root.name, items, findings, min_size, imbalance)
 
 
