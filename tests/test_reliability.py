@@ -174,7 +174,6 @@ def test_sync_bn_on_cpu_is_refused_clearly(workdir, tiny_folder):
 
 
 def test_lightning_engine_same_format_same_numbers_and_resumes_across_engines(tmp_path, monkeypatch):
-    pytest.importorskip("lightning", reason="optional engine; requirements-dev.txt installs it")
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
     plain = run(digits_cmd("plain", 32), tmp_path)
     assert plain.returncode == 0, plain.stderr[-2000:]
