@@ -11,7 +11,12 @@ class UserError(Exception):
 
 
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run an entry point; a UserError becomes `error: ...` on stderr and exit code 2 (no traceback)."""
+    """Run an entry point; a UserError becomes `error: ...` on stderr and exit code 2 (no traceback).
+
+    Every entry point also gets the process-wide allocator settings of core/memory.py first."""
+    from core.memory import tune_allocator
+
+    tune_allocator()
     try:
         return int(main(argv) or 0)
     except UserError as e:

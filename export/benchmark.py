@@ -18,34 +18,25 @@ import numpy as np
 import torch
 
 from core.errors import run_cli
+from core.memory import in_use_mb
 from export.common import exported
-from export.validate import cycled_logits, runner, torch_runner
+from export.validate import THROUGHPUT_BATCH, cycled_logits, runner, torch_runner
 from training.runs import write_json
 
 
-def _rss_mb() -> float:
-    try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
-    except OSError:
-        pass
-    return float("nan")
-
-
-class PeakRss:
-    """Samples this process's RSS every 5 ms in a thread; `peak - start` is what loading + running a format
-    added at its worst moment (the kernel's own peak counter cannot be reset per format everywhere)."""
+class PeakMemory:
+    """Samples the memory this process holds for live objects (core.memory.in_use_mb) every 5 ms in a thread;
+    `peak - start` is what loading + running a format added at its worst moment."""
 
     def __init__(self) -> None:
-        self.start = self.peak = _rss_mb()
+        self.start = self.peak = in_use_mb()
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._loop, daemon=True)
         self._thread.start()
 
     def _loop(self) -> None:
         while not self._stop.wait(0.005):
-            self.peak = max(self.peak, _rss_mb())
+            self.peak = max(self.peak, in_use_mb())
 
     def stop(self) -> float:
         self._stop.set()
@@ -53,7 +44,8 @@ class PeakRss:
         return max(0.0, self.peak - self.start)
 
 
-def time_format(run, x: np.ndarray, runs: int, batch: int = 32) -> dict[str, float]:
+def time_format(run, x: np.ndarray, runs: int) -> dict[str, float]:
+    """Batch-1 latency after warm-up: median and 95th percentile of `runs` calls."""
     one = np.ascontiguousarray(x[:1])
     for _ in range(5):
         run(one)
@@ -62,18 +54,19 @@ def time_format(run, x: np.ndarray, runs: int, batch: int = 32) -> dict[str, flo
         t = time.perf_counter()
         run(one)
         lat.append(1e3 * (time.perf_counter() - t))
+    return {"p50_ms": float(np.median(lat)), "p95_ms": float(np.percentile(lat, 95))}
+
+
+def batch_throughput(run, x: np.ndarray, batch: int = THROUGHPUT_BATCH, repeats: int = 3) -> float:
+    """Images/s at `batch`: one warm-up call, then the median of `repeats` calls."""
     xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
     run(xb)
     tp = []
-    for _ in range(3):
+    for _ in range(repeats):
         t = time.perf_counter()
         run(xb)
         tp.append(time.perf_counter() - t)
-    return {
-        "p50_ms": float(np.median(lat)),
-        "p95_ms": float(np.percentile(lat, 95)),
-        "img_per_s": batch / float(np.median(tp)),
-    }
+    return batch / float(np.median(tp))
 
 
 def benchmark(
@@ -84,9 +77,10 @@ def benchmark(
     y: np.ndarray,
     threads: int,
     runs: int,
-    known_accuracy: dict[str, float] | None = None,
+    known: dict[str, dict] | None = None,
 ) -> list[dict]:
-    """One row per format. `known_accuracy` (format -> held-out top-1 from validation) skips recomputing it."""
+    """One row per format. `known` (format -> {"accuracy", "img_per_s"} measured by validation on the same
+    images, threads and batch size) skips recomputing those; batch-1 latency is always measured here."""
     torch.set_num_threads(threads)
     rows = []
     formats = {
@@ -95,21 +89,24 @@ def benchmark(
     }
     for name, (path, make) in formats.items():
         gc.collect()  # drop the previous format before measuring this one
-        rss = PeakRss()
+        mem = PeakMemory()
         run = make()
-        if known_accuracy and name in known_accuracy:
-            accuracy = known_accuracy[name]
-        else:
-            logits = cycled_logits(run, x, (32,))
+        timing: dict = time_format(run, x, runs)
+        timing["peak_mem_growth_mb"] = mem.stop()  # load + batch-1 inference: what a deployed process holds
+        given = (known or {}).get(name, {})
+        accuracy = given.get("accuracy")
+        if accuracy is None:
+            logits = cycled_logits(run, x, (THROUGHPUT_BATCH,))
             accuracy = float(100 * (logits.argmax(1) == np.where(y >= 0, y, logits.argmax(1))).mean())
-        timing = time_format(run, x, runs)
+        timing["img_per_s"], timing["img_per_s_from"] = given.get("img_per_s"), "validation"
+        if timing["img_per_s"] is None:
+            timing["img_per_s"], timing["img_per_s_from"] = batch_throughput(run, x), "benchmark"
         row = {
             "format": name,
             "file": path.name,
             "size_mb": path.stat().st_size / 2**20,
             "accuracy": accuracy,
             **timing,
-            "peak_rss_growth_mb": rss.stop(),
             "threads": threads,
         }
         rows.append(row)
@@ -121,14 +118,14 @@ def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["format"] == "onnx_fp32"), rows[0])
     lines = [
         "| format | file | size MB | held-out top-1 | p50 ms (b1) | p95 ms (b1) | img/s (b32) | "
-        "vs ORT fp32 | peak RSS growth MB |",
+        "vs ORT fp32 | peak memory growth MB (load + b1) |",
         "|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
         lines.append(
             f"| {r['format']} | {r['file']} | {r['size_mb']:.2f} | {r['accuracy']:.2f} % | {r['p50_ms']:.2f} | "
             f"{r['p95_ms']:.2f} | {r['img_per_s']:.1f} | {r['img_per_s'] / base['img_per_s']:.2f}x | "
-            f"{r['peak_rss_growth_mb']:.0f} |"
+            f"{r['peak_mem_growth_mb']:.0f} |"
         )
     return "\n".join(lines)
 

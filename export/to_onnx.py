@@ -138,7 +138,7 @@ def main(argv: list[str] | None = None) -> int:
         )
         validate.write_report(rep, out)
         ok = rep["passed"]
-        known = {"pytorch": rep["pytorch_accuracy"], **{r["artifact"]: r["accuracy"] for r in rep["artifacts"]}}
+        known = validate.known_figures(rep)
         stages.done("validate")
     if not args.no_benchmark:
         print("benchmark:")

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import time
 from collections.abc import Callable
 from pathlib import Path
 
@@ -26,6 +27,7 @@ from training.runs import write_json
 
 ATOL, RTOL = 1e-4, 1e-4
 BATCH_CYCLE = (1, 7, 32)
+THROUGHPUT_BATCH = 32
 ARTIFACTS = {
     "onnx_fp32": "model.onnx",
     "onnx_int8": "model.int8.onnx",
@@ -56,13 +58,30 @@ def torch_runner(module: Callable) -> Callable[[np.ndarray], np.ndarray]:
     return run
 
 
-def cycled_logits(run: Callable[[np.ndarray], np.ndarray], x: np.ndarray, sizes=BATCH_CYCLE) -> np.ndarray:
+def cycled_logits(
+    run: Callable[[np.ndarray], np.ndarray],
+    x: np.ndarray,
+    sizes=BATCH_CYCLE,
+    seconds: dict[int, list[float]] | None = None,
+) -> np.ndarray:
+    """Logits for every image, batch sizes cycling through `sizes`; `seconds` collects call times per batch size."""
     out, i, k = [], 0, 0
     while i < len(x):
         b = sizes[k % len(sizes)]
-        out.append(run(np.ascontiguousarray(x[i : i + b])))
+        xb = np.ascontiguousarray(x[i : i + b])
+        t = time.perf_counter()
+        out.append(run(xb))
+        if seconds is not None:
+            seconds.setdefault(len(xb), []).append(time.perf_counter() - t)
         i, k = i + b, k + 1
     return np.concatenate(out)
+
+
+def throughput_from(seconds: dict[int, list[float]], batch: int = THROUGHPUT_BATCH) -> float | None:
+    """Images/s at `batch` from the calls validation made anyway: the first call (warm-up) is dropped and the
+    median of the rest taken; None when there were fewer than two further calls (benchmark then times its own)."""
+    times = seconds.get(batch, [])[1:]
+    return batch / float(np.median(times)) if len(times) >= 2 else None
 
 
 def check_artifact(name: str, logits: np.ndarray, ref: np.ndarray, y: np.ndarray, budget: Budget) -> dict:
@@ -101,15 +120,19 @@ def validate(
     threads: int,
     description: str,
 ) -> dict:
-    ref = cycled_logits(torch_runner(model.eval()), held.x, (32,))
+    torch.set_num_threads(threads)
+    ref_seconds: dict[int, list[float]] = {}
+    ref = cycled_logits(torch_runner(model.eval()), held.x, (THROUGHPUT_BATCH,), ref_seconds)
     rows = []
     for name, path in paths.items():
-        logits = cycled_logits(runner(path, threads), held.x)
+        seconds: dict[int, list[float]] = {}
+        logits = cycled_logits(runner(path, threads), held.x, BATCH_CYCLE, seconds)
         rows.append(
             {
                 **check_artifact(name, logits, ref, held.y, budget),
                 "file": path.name,
                 "size_mb": path.stat().st_size / 2**20,
+                "img_per_s": throughput_from(seconds),
             }
         )
         r = rows[-1]
@@ -123,6 +146,8 @@ def validate(
         "n": len(held.y),
         "batch_sizes": list(BATCH_CYCLE),
         "pytorch_accuracy": rows[0]["fp32_accuracy"] if rows else None,
+        "pytorch_img_per_s": throughput_from(ref_seconds),
+        "threads": threads,
         "artifacts": rows,
         "passed": all(r["passed"] for r in rows),
     }
@@ -147,6 +172,14 @@ def report_markdown(rep: dict) -> str:
 def write_report(rep: dict, out: Path) -> None:
     write_json(out / "report.json", rep)
     (out / "report.md").write_text(report_markdown(rep))
+
+
+def known_figures(rep: dict) -> dict[str, dict]:
+    """What the benchmark can reuse from a validation report: held-out top-1 and batch-32 throughput."""
+    figures = {"pytorch": {"accuracy": rep["pytorch_accuracy"], "img_per_s": rep.get("pytorch_img_per_s")}}
+    for r in rep["artifacts"]:
+        figures[r["artifact"]] = {"accuracy": r["accuracy"], "img_per_s": r.get("img_per_s")}
+    return figures
 
 
 def existing_artifacts(d: Path) -> dict[str, Path]:

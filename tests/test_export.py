@@ -11,7 +11,7 @@ from core.preprocess import preprocess
 from export import to_onnx, to_torchscript
 from export.onnx_io import export_onnx, run_onnx, simplify
 from export.runtime import OnnxClassifier, check_external_data
-from export.validate import cycled_logits
+from export.validate import cycled_logits, throughput_from
 
 
 @pytest.fixture(scope="module")
@@ -43,6 +43,12 @@ def test_one_shot_export_validates_every_artifact(exported_run):
     stages = summary["stage_seconds"]
     assert set(stages) == {"load", "onnx", "int8 search", "ort+torchscript", "validate", "benchmark"}
     assert 0 < sum(stages.values()) <= summary["seconds"] + 1  # each rounded to 0.1 s
+    bench = json.loads((out / "benchmark.json").read_text())["rows"]
+    acc = {r["artifact"]: r["accuracy"] for r in rep["artifacts"]} | {"pytorch": rep["pytorch_accuracy"]}
+    for row in bench:
+        assert row["accuracy"] == acc[row["format"]]  # the benchmark reports what validation measured
+        assert row["img_per_s"] > 0 and row["img_per_s_from"] in ("validation", "benchmark")
+        assert row["p50_ms"] > 0 and row["peak_mem_growth_mb"] >= 0
 
 
 def test_spec_survives_onnx_and_torchscript(run_dir):
@@ -109,6 +115,39 @@ def test_cycled_batches_cover_every_image():
     seen = []
     cycled_logits(lambda x: (seen.append(len(x)), x[:, :1, 0, 0])[1], np.zeros((50, 1, 1, 1), np.float32))
     assert sum(seen) == 50 and {1, 7, 32} <= set(seen)
+
+
+def test_throughput_from_validation_calls_drops_the_warm_up_call():
+    assert throughput_from({32: [5.0, 1.0, 2.0, 4.0], 7: [0.1]}) == 16.0  # median of 1, 2, 4 s per 32 images
+    assert throughput_from({32: [5.0, 1.0]}) is None  # one timed call is not a measurement
+    assert throughput_from({7: [0.1, 0.1, 0.1]}) is None
+
+
+def test_benchmark_reuses_validation_figures_and_times_the_rest(exported_run, monkeypatch):
+    from export import benchmark as bm
+
+    calls: dict[str, list[int]] = {}
+
+    def fake_runner(path, threads):
+        seen = calls.setdefault(str(path), [])
+
+        def run(x):
+            seen.append(len(x))
+            return np.eye(3, dtype=np.float32)[np.arange(len(x)) % 3]
+
+        return run
+
+    monkeypatch.setattr(bm, "runner", fake_runner)
+    monkeypatch.setattr(bm, "torch_runner", lambda module: fake_runner("pytorch", 1))
+    x, y = np.zeros((40, 3, 4, 4), np.float32), np.arange(40) % 3
+    known = {"pytorch": {"accuracy": 50.0, "img_per_s": 123.0}, "onnx_fp32": {"accuracy": 60.0, "img_per_s": None}}
+    onnx_path = exported_run / "export" / "model.onnx"
+    rows = bm.benchmark(torch.nn.Identity(), exported_run / "best.pt", {"onnx_fp32": onnx_path}, x, y, 1, 4, known)
+    torch_row, onnx_row = rows
+    assert (torch_row["accuracy"], torch_row["img_per_s"], torch_row["img_per_s_from"]) == (50.0, 123.0, "validation")
+    assert set(calls["pytorch"]) == {1}  # batch-1 latency only: nothing re-run at batch 32
+    assert onnx_row["accuracy"] == 60.0 and onnx_row["img_per_s_from"] == "benchmark" and onnx_row["img_per_s"] > 0
+    assert calls[str(onnx_path)].count(32) == 4  # one warm-up + three timed batch-32 calls
 
 
 def test_onnx_without_spec_and_escaping_external_data(tmp_path):
