@@ -22,7 +22,16 @@ from PIL import Image
 
 from core.errors import UserError, run_cli
 from core.images import ImageError
-from demo.backends import BACKENDS, Runners, ServedModel, discover, prepare, run_backends, served_from_path
+from demo.backends import (
+    BACKENDS,
+    Prediction,
+    Runners,
+    ServedModel,
+    discover,
+    prepare,
+    run_backends,
+    served_from_path,
+)
 from demo.bench import benchmark_plot, benchmark_rows
 from demo.examples import example_files, imagenet_fallback
 
@@ -81,13 +90,7 @@ class Demo:
         rows = [
             [p.backend, p.top[0][0], round(p.top[0][1], 4), round(pre_ms, 2), round(p.inference_ms, 2)] for p in preds
         ]
-        tops = {p.top[0][0] for p in preds}
-        badge = (
-            f"✅ all backends agree on **{next(iter(tops))}**"
-            if len(tops) == 1
-            else "⚠️ backends disagree: " + ", ".join(f"{p.backend} → {p.top[0][0]}" for p in preds)
-        )
-        return dict(preds[0].top), rows, badge
+        return dict(preds[0].top), rows, agreement_badge(preds, m.caveats())
 
     def preview(self, file: bytes | None, camera: str | None, name: str):
         """The exact crop the network sees, enlarged for small inputs (digits, CIFAR) with sharp pixels."""
@@ -111,12 +114,13 @@ class Demo:
             preds = {p.backend: p for p in run_backends(self.runners, m, m.backends(), x, 5)}
         except (ImageError, UserError) as e:
             raise gr.Error(str(e)) from None
-        out = []
+        caveats, out = m.caveats(), []
         for b in BACKENDS:
             p = preds.get(b)
             out += [
                 dict(p.top) if p else None,
-                f"preprocess {pre_ms:.2f} ms · inference {p.inference_ms:.2f} ms" if p else "not exported",
+                (f"preprocess {pre_ms:.2f} ms · inference {p.inference_ms:.2f} ms" if p else "not exported")
+                + (f" · ⚠️ {caveats[b]}" if p and b in caveats else ""),
             ]
         return out
 
@@ -139,6 +143,7 @@ class Demo:
             f"- preprocessing: {s.color}, resize {s.resize_size} → {s.crop} {s.image_size}px, {s.interpolation},"
             f" mean {s.mean}, std {s.std}",
             f"- backends: {', '.join(m.backends())}",
+            *(f"- ⚠️ {text}" for text in m.caveats().values()),
         ]
         if m.metrics.get("accuracy") is not None:
             lines.append(f"- {m.metrics.get('eval_split', 'held-out')} accuracy: {100 * m.metrics['accuracy']:.2f} %")
@@ -146,6 +151,17 @@ class Demo:
         if report and report.is_file():
             lines += ["", report.read_text()]
         return "\n".join(lines)
+
+
+def agreement_badge(preds: list[Prediction], caveats: dict[str, str]) -> str:
+    """One line over the results: do the backends agree, and is any of them known to be outside its budget?"""
+    tops = {p.top[0][0] for p in preds}
+    badge = (
+        f"✅ all backends agree on **{next(iter(tops))}**"
+        if len(tops) == 1
+        else "⚠️ backends disagree: " + ", ".join(f"{p.backend} → {p.top[0][0]}" for p in preds)
+    )
+    return badge + "".join(f"\n\n⚠️ {caveats[p.backend]}" for p in preds if p.backend in caveats)
 
 
 def build_ui(app: Demo, cache_seconds: int = 1800) -> gr.Blocks:

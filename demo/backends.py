@@ -3,6 +3,7 @@ fair timing (one decode + one preprocessing shared by every backend)."""
 
 from __future__ import annotations
 
+import json
 import threading
 import time
 from collections.abc import Callable
@@ -36,6 +37,23 @@ class ServedModel:
             return ["onnx_int8" if ".int8" in self.onnx_only.name else "onnx_fp32"]
         have = ["pytorch"] if self.checkpoint else []
         return have + [b for b, f in FILES.items() if self.export_dir and (self.export_dir / f).is_file()]
+
+    def caveats(self) -> dict[str, str]:
+        """backend -> why its answers deserve less trust: an INT8 model written with --force although it missed
+        the accuracy budget (its quantization report says so, with the measured agreement)."""
+        if not (self.export_dir and (self.export_dir / FILES["onnx_int8"]).is_file()):
+            return {}
+        try:
+            rep = json.loads((self.export_dir / "quantization.json").read_text())
+        except (OSError, ValueError):
+            return {}
+        if not rep.get("forced"):
+            return {}
+        row = next((r for r in reversed(rep.get("candidates", [])) if r.get("config") == rep.get("chosen")), {})
+        figures = (
+            f": {row['agreement']:.1f} % top-1 agreement with fp32 on held-out images" if "agreement" in row else ""
+        )
+        return {"onnx_int8": f"onnx_int8 was written with --force outside its accuracy budget{figures}"}
 
     def path(self, backend: str) -> Path:
         if self.onnx_only:

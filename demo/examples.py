@@ -67,13 +67,17 @@ def held_out(m: ServedModel, n: int) -> Images:
 
 
 def imagenet_fallback() -> Path:
-    """Pretrained ImageNet Lite0 checkpoint, exported (fp32, INT8 if within budget, TorchScript) on first use."""
+    """Pretrained ImageNet Lite0 checkpoint, exported (fp32, INT8, TorchScript) on first use.
+
+    Its only offline held-out images are random crops of scikit-learn's two sample photos, half of them without a
+    clear ImageNet class, where INT8 agrees with fp32 on ~85 % (the budget asks 98 %). The demo exists to compare
+    backends, so the INT8 model is written anyway (--force) and the page marks it as outside its budget."""
     ckpt = imagenet_lite0_checkpoint()
     out = IMAGENET_DIR / "export"
     if not (out / "model.onnx").is_file():
         from export import to_onnx
 
-        print("first start: exporting the ImageNet model to ONNX fp32/INT8 and TorchScript (about a minute)")
+        print("first start: exporting the ImageNet model to ONNX fp32/INT8 and TorchScript (~1 min)", flush=True)
         code = to_onnx.main(
             [
                 "--checkpoint",
@@ -85,6 +89,7 @@ def imagenet_fallback() -> Path:
                 "64",
                 "--calib-images",
                 "200",
+                "--force",
             ]
         )
         if code not in (0, 3):

@@ -114,7 +114,11 @@ def main(argv: list[str] | None = None) -> int:
         (out / "quantization.md").write_text(quantize.search_table(qrep) + "\n")
         summary["int8"] = qrep["chosen"]
         if qrep["chosen"]:
-            onnx_io.set_metadata(int8, ck.spec, {**info["meta"], "precision": "int8", "quant_config": qrep["chosen"]})
+            onnx_io.set_metadata(
+                int8,
+                ck.spec,
+                {**info["meta"], "precision": "int8", "quant_config": qrep["chosen"], "forced": qrep["forced"]},
+            )
             chosen = int8
         stages.done("int8 search")
     if not args.no_ort:
@@ -137,7 +141,11 @@ def main(argv: list[str] | None = None) -> int:
             desc,
         )
         validate.write_report(rep, out)
-        ok = rep["passed"]
+        # --force wrote an INT8 model that misses its budget on purpose: its gate stays FAIL in the report, but only
+        # the fp32 gates decide the exit code
+        ok = all(r["passed"] or (args.force and r["artifact"] in validate.INT8) for r in rep["artifacts"])
+        if ok and not rep["passed"]:
+            print("WARNING: --force: the INT8 artifacts FAIL their accuracy budget (see report.md); fp32 gates passed")
         known = validate.known_figures(rep)
         stages.done("validate")
     if not args.no_benchmark:

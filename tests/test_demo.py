@@ -237,3 +237,16 @@ def test_browser_upload_classify_and_compare(server):
         assert len(labels) == 4 and all(any(c in t for c in CLASSES) for t in labels)
         page.screenshot(path=str(shots / "compare.png"), full_page=True)
         browser.close()
+
+
+def test_agreement_badge_names_disagreements_and_backends_outside_their_budget():
+    from demo.app import agreement_badge
+    from demo.backends import Prediction
+
+    agree = [Prediction("onnx_fp32", [("cat", 0.9)], 1.0), Prediction("onnx_int8", [("cat", 0.8)], 0.5)]
+    assert agreement_badge(agree, {}) == "✅ all backends agree on **cat**"
+    caveat = {"onnx_int8": "onnx_int8 was written with --force outside its accuracy budget"}
+    assert agreement_badge(agree, caveat).endswith("⚠️ " + caveat["onnx_int8"])
+    assert "outside" not in agreement_badge(agree[:1], caveat)  # only for backends that answered
+    differ = [agree[0], Prediction("onnx_int8", [("dog", 0.6)], 0.5)]
+    assert agreement_badge(differ, {}) == "⚠️ backends disagree: onnx_fp32 → cat, onnx_int8 → dog"

@@ -111,6 +111,27 @@ def test_int8_refused_when_budget_cannot_be_met(run_dir, monkeypatch, capsys):
     assert "NOT written" in capsys.readouterr().out
 
 
+def test_force_writes_int8_outside_the_budget_loudly(run_dir, monkeypatch, capsys):
+    monkeypatch.chdir(run_dir.parent.parent.parent)
+    out = run_dir.parent / "forced"
+    code = one_shot(run_dir, "--out", str(out), "--min-agreement", "100.1", "--force", "--no-torchscript")
+    assert code == 0  # the fp32 gates passed; the INT8 one failed on purpose
+    printed = capsys.readouterr().out
+    assert "OUTSIDE the accuracy budget" in printed and "INT8 artifacts FAIL" in printed
+    q = json.loads((out / "quantization.json").read_text())
+    assert q["forced"] and q["chosen"]
+    meta = {p.key: p.value for p in onnx.load(str(out / "model.int8.onnx")).metadata_props}
+    assert json.loads(meta["forced"]) is True
+    rows = {r["artifact"]: r for r in json.loads((out / "report.json").read_text())["artifacts"]}
+    assert rows["onnx_int8"]["passed"] is False and rows["onnx_fp32"]["passed"] is True
+
+    from demo.backends import ServedModel
+
+    served = ServedModel("forced", run_dir / "best.pt", out, OnnxClassifier(out / "model.onnx").spec)
+    assert "outside its accuracy budget" in served.caveats()["onnx_int8"]
+    assert ServedModel("ok", run_dir / "best.pt", run_dir / "export", served.spec).caveats() == {}
+
+
 def test_cycled_batches_cover_every_image():
     seen = []
     cycled_logits(lambda x: (seen.append(len(x)), x[:, :1, 0, 0])[1], np.zeros((50, 1, 1, 1), np.float32))
