@@ -254,8 +254,15 @@ def search(
         ok = [r for r in rows if r["fits"]]
         chosen = max(ok, key=lambda r: r["img_per_s"]) if ok else None
         if chosen is None and force:
-            chosen = max((r for r in rows if "error" not in r), key=lambda r: r["agreement"])
-            print(f"WARNING: --force: writing {chosen['config']} although it is OUTSIDE the accuracy budget")
+            # the closest to fp32 among the candidates that are at least faster than fp32 (an INT8 model slower
+            # than fp32 has no reason to exist), else the closest of all
+            usable = [r for r in rows if "error" not in r]
+            faster = [r for r in usable if r["img_per_s"] > fp32_tput]
+            chosen = max(faster or usable, key=lambda r: (r["agreement"], r["img_per_s"]))
+            print(
+                f"WARNING: --force: writing {chosen['config']} ({chosen['agreement']:.1f} % agreement, "
+                f"{chosen['img_per_s'] / fp32_tput:.2f}x fp32 throughput) although it is OUTSIDE the accuracy budget"
+            )
         if chosen:
             os.replace(chosen["path"], out)
     pre.unlink(missing_ok=True)

@@ -118,8 +118,13 @@ def test_force_writes_int8_outside_the_budget_loudly(run_dir, monkeypatch, capsy
     assert code == 0  # the fp32 gates passed; the INT8 one failed on purpose
     printed = capsys.readouterr().out
     assert "OUTSIDE the accuracy budget" in printed and "INT8 artifacts FAIL" in printed
+    assert "passed, with INT8 FORCED outside its budget" in printed
     q = json.loads((out / "quantization.json").read_text())
     assert q["forced"] and q["chosen"]
+    chosen = next(r for r in q["candidates"] if r["config"] == q["chosen"])
+    faster = [r for r in q["candidates"] if r.get("img_per_s", 0) > q["fp32_img_per_s"]]
+    if faster:  # the forced pick is the closest candidate that is still faster than fp32
+        assert chosen in faster and chosen["agreement"] == max(r["agreement"] for r in faster)
     meta = {p.key: p.value for p in onnx.load(str(out / "model.int8.onnx")).metadata_props}
     assert json.loads(meta["forced"]) is True
     rows = {r["artifact"]: r for r in json.loads((out / "report.json").read_text())["artifacts"]}
