@@ -176,6 +176,22 @@ def test_benchmark_reuses_validation_figures_and_times_the_rest(exported_run, mo
     assert calls[str(onnx_path)].count(32) == 4  # one warm-up + three timed batch-32 calls
 
 
+def test_benchmark_scores_unlabelled_images_against_pytorch(exported_run, monkeypatch):
+    from export import benchmark as bm
+
+    def fake(favourite):  # always answers one class
+        return lambda x: np.eye(3, dtype=np.float32)[np.full(len(x), favourite)]
+
+    monkeypatch.setattr(bm, "runner", lambda path, threads: fake(1 if path.suffix == ".onnx" else 0))
+    monkeypatch.setattr(bm, "torch_runner", lambda module: fake(0))
+    paths = {"onnx_fp32": exported_run / "export" / "model.onnx", "torchscript": exported_run / "export" / "model.pt"}
+    x, y = np.zeros((10, 3, 4, 4), np.float32), np.full(10, -1)  # no labels (the ImageNet sample crops)
+    for known in (None, {"pytorch": {"accuracy": 100.0, "img_per_s": 1.0}}):
+        rows = bm.benchmark(torch.nn.Identity(), exported_run / "best.pt", paths, x, y, 1, 2, known)
+        acc = {r["format"]: r["accuracy"] for r in rows}
+        assert acc == {"pytorch": 100.0, "onnx_fp32": 0.0, "torchscript": 100.0}  # not 100 % against itself
+
+
 def test_onnx_without_spec_and_escaping_external_data(tmp_path):
     from core.models import create_model
     from core.spec import ModelSpec
