@@ -25,6 +25,19 @@ _TOP_PAD = 64 * 2**20  # grow the heap in 64 MB steps instead of one brk per all
 _applied: bool | None = None
 
 
+def _glibc():
+    """The C library when it is glibc (whose mallopt/mallinfo2 this module speaks), else None."""
+    if platform.libc_ver()[0] != "glibc":
+        return None
+    try:
+        return ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
+    except OSError:
+        return None
+
+
+_LIBC = _glibc()
+
+
 def tune_allocator() -> bool:
     """Apply the settings once per process; True if they are in effect."""
     global _applied
@@ -34,15 +47,14 @@ def tune_allocator() -> bool:
 
 
 def _apply() -> bool:
-    if os.environ.get("CLS_MALLOC_TUNING", "1") == "0" or platform.libc_ver()[0] != "glibc":
+    if os.environ.get("CLS_MALLOC_TUNING", "1") == "0" or _LIBC is None:
         return False
     try:
-        libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
         return all(
-            libc.mallopt(option, value) == 1
+            _LIBC.mallopt(option, value) == 1
             for option, value in ((M_MMAP_THRESHOLD, _KEEP), (M_TRIM_THRESHOLD, _KEEP), (M_TOP_PAD, _TOP_PAD))
         )
-    except (OSError, AttributeError):
+    except AttributeError:
         return False
 
 
@@ -57,14 +69,22 @@ class _Mallinfo2(ctypes.Structure):
 
 def _mallinfo2():
     try:
-        fn = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6").mallinfo2
-    except (OSError, AttributeError):  # not glibc, or glibc < 2.33
+        fn = _LIBC.mallinfo2
+    except AttributeError:  # not glibc, or glibc < 2.33
         return None
     fn.restype = _Mallinfo2
     return fn
 
 
-_MALLINFO2 = _mallinfo2() if platform.libc_ver()[0] == "glibc" else None
+_MALLINFO2 = _mallinfo2() if _LIBC is not None else None
+
+
+def rss_mb(pid: int | str = "self") -> float:
+    """Resident set size of a process in MB (Linux /proc); OSError if it cannot be read."""
+    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
+        if line.startswith("VmRSS:"):
+            return int(line.split()[1]) / 1024
+    return float("nan")
 
 
 def in_use_mb() -> float:
@@ -75,9 +95,6 @@ def in_use_mb() -> float:
         info = _MALLINFO2()
         return (info.uordblks + info.hblkhd) / 2**20
     try:
-        for line in Path("/proc/self/status").read_text().splitlines():
-            if line.startswith("VmRSS:"):
-                return int(line.split()[1]) / 1024
+        return rss_mb()
     except OSError:
-        pass
-    return float("nan")
+        return float("nan")

@@ -19,6 +19,8 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
+from core.memory import rss_mb as process_rss_mb
+
 
 def make_jpeg(path: Path, side: int = 1024) -> Path:
     """A 1-megapixel photo-like JPEG (smooth gradients + texture), the size phones upload after resizing."""
@@ -33,12 +35,7 @@ def make_jpeg(path: Path, side: int = 1024) -> Path:
 
 
 def rss_mb(pid: int | None) -> float:
-    if not pid:
-        return float("nan")
-    for line in Path(f"/proc/{pid}/status").read_text().splitlines():
-        if line.startswith("VmRSS:"):
-            return int(line.split()[1]) / 1024
-    return float("nan")
+    return process_rss_mb(pid) if pid else float("nan")
 
 
 def worker(url: str, image: str, model: str, backend: str, deadline: float, out: list, lock: threading.Lock):

@@ -20,7 +20,8 @@ import torch
 from core.errors import run_cli
 from core.memory import in_use_mb
 from export.common import exported
-from export.validate import THROUGHPUT_BATCH, cycled_logits, runner, torch_runner
+from export.quantize import THROUGHPUT_BATCH, batch_throughput
+from export.validate import cycled_logits, runner, torch_runner
 from training.runs import write_json
 
 
@@ -56,18 +57,6 @@ def time_format(run, x: np.ndarray, runs: int) -> dict[str, float]:
         run(one)
         lat.append(1e3 * (time.perf_counter() - t))
     return {"p50_ms": float(np.median(lat)), "p95_ms": float(np.percentile(lat, 95))}
-
-
-def batch_throughput(run, x: np.ndarray, batch: int = THROUGHPUT_BATCH, repeats: int = 3) -> float:
-    """Images/s at `batch`: one warm-up call, then the median of `repeats` calls."""
-    xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])))
-    run(xb)
-    tp = []
-    for _ in range(repeats):
-        t = time.perf_counter()
-        run(xb)
-        tp.append(time.perf_counter() - t)
-    return batch / float(np.median(tp))
 
 
 def benchmark(

@@ -147,17 +147,25 @@ def fits(stats: dict[str, float], b: Budget) -> bool:
     )
 
 
-def throughput(path: Path, x: np.ndarray, threads: int, batch: int = 32, repeats: int = 3) -> float:
-    sess = make_session(path, threads)
-    name = sess.get_inputs()[0].name
-    xb = np.resize(x, (batch, *x.shape[1:])).astype(np.float32)
-    sess.run(None, {name: xb})
+THROUGHPUT_BATCH = 32
+
+
+def batch_throughput(run, x: np.ndarray, batch: int = THROUGHPUT_BATCH, repeats: int = 3) -> float:
+    """Images/s of `run` at `batch` (x cycled to fill it): one warm-up call, then the median of `repeats` calls."""
+    xb = np.ascontiguousarray(np.resize(x, (batch, *x.shape[1:])), np.float32)
+    run(xb)
     times = []
     for _ in range(repeats):
         t = time.perf_counter()
-        sess.run(None, {name: xb})
+        run(xb)
         times.append(time.perf_counter() - t)
     return batch / float(np.median(times))
+
+
+def throughput(path: Path, x: np.ndarray, threads: int) -> float:
+    sess = make_session(path, threads)
+    name = sess.get_inputs()[0].name
+    return batch_throughput(lambda xb: sess.run(None, {name: xb}), x)
 
 
 def sensitive_nodes(

@@ -21,13 +21,12 @@ import torch
 
 from core.errors import run_cli
 from export.common import Images
-from export.quantize import Budget, compare, fits
+from export.quantize import THROUGHPUT_BATCH, Budget, compare, fits
 from export.runtime import make_session
 from training.runs import write_json
 
 ATOL, RTOL = 1e-4, 1e-4
 BATCH_CYCLE = (1, 7, 32)
-THROUGHPUT_BATCH = 32
 ARTIFACTS = {
     "onnx_fp32": "model.onnx",
     "onnx_int8": "model.int8.onnx",
