@@ -90,7 +90,7 @@ class Demo:
         rows = [
             [p.backend, p.top[0][0], round(p.top[0][1], 4), round(pre_ms, 2), round(p.inference_ms, 2)] for p in preds
         ]
-        return dict(preds[0].top), rows, agreement_badge(preds, m.caveats())
+        return dict(preds[0].top), rows, agreement_badge(preds, m.caveats)
 
     def preview(self, file: bytes | None, camera: str | None, name: str):
         """The exact crop the network sees, enlarged for small inputs (digits, CIFAR) with sharp pixels."""
@@ -114,7 +114,7 @@ class Demo:
             preds = {p.backend: p for p in run_backends(self.runners, m, m.backends(), x, 5)}
         except (ImageError, UserError) as e:
             raise gr.Error(str(e)) from None
-        caveats, out = m.caveats(), []
+        caveats, out = m.caveats, []
         for b in BACKENDS:
             p = preds.get(b)
             out += [
@@ -143,7 +143,7 @@ class Demo:
             f"- preprocessing: {s.color}, resize {s.resize_size} → {s.crop} {s.image_size}px, {s.interpolation},"
             f" mean {s.mean}, std {s.std}",
             f"- backends: {', '.join(m.backends())}",
-            *(f"- ⚠️ {text}" for text in m.caveats().values()),
+            *(f"- ⚠️ {text}" for text in m.caveats.values()),
         ]
         if m.metrics.get("accuracy") is not None:
             lines.append(f"- {m.metrics.get('eval_split', 'held-out')} accuracy: {100 * m.metrics['accuracy']:.2f} %")

@@ -8,6 +8,7 @@ import threading
 import time
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from functools import cached_property
 from pathlib import Path
 
 import numpy as np
@@ -38,9 +39,11 @@ class ServedModel:
         have = ["pytorch"] if self.checkpoint else []
         return have + [b for b, f in FILES.items() if self.export_dir and (self.export_dir / f).is_file()]
 
+    @cached_property
     def caveats(self) -> dict[str, str]:
         """backend -> why its answers deserve less trust: an INT8 model written with --force although it missed
-        the accuracy budget (its quantization report says so, with the measured agreement)."""
+        the accuracy budget (its quantization report says so, with the measured agreement). Read once per process,
+        like the backends themselves, not on every request."""
         if not (self.export_dir and (self.export_dir / FILES["onnx_int8"]).is_file()):
             return {}
         try:

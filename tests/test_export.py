@@ -133,8 +133,8 @@ def test_force_writes_int8_outside_the_budget_loudly(run_dir, monkeypatch, capsy
     from demo.backends import ServedModel
 
     served = ServedModel("forced", run_dir / "best.pt", out, OnnxClassifier(out / "model.onnx").spec)
-    assert "outside its accuracy budget" in served.caveats()["onnx_int8"]
-    assert ServedModel("ok", run_dir / "best.pt", run_dir / "export", served.spec).caveats() == {}
+    assert "outside its accuracy budget" in served.caveats["onnx_int8"]
+    assert ServedModel("ok", run_dir / "best.pt", run_dir / "export", served.spec).caveats == {}
 
 
 def test_cycled_batches_cover_every_image():
