@@ -250,3 +250,39 @@ def test_agreement_badge_names_disagreements_and_backends_outside_their_budget()
     assert "outside" not in agreement_badge(agree[:1], caveat)  # only for backends that answered
     differ = [agree[0], Prediction("onnx_int8", [("dog", 0.6)], 0.5)]
     assert agreement_badge(differ, {}) == "⚠️ backends disagree: onnx_fp32 → cat, onnx_int8 → dog"
+
+
+def test_backends_run_onnx_first_and_answer_in_the_order_asked(tmp_path):
+    """PyTorch's OpenMP threads keep spinning after a call and slowed the next ONNX Runtime call 2-3x: the demo
+    runs ONNX backends first (its sessions do not spin), then the PyTorch ones, and still answers in the order
+    asked."""
+    import numpy as np
+
+    from core.spec import ModelSpec
+    from demo.backends import ServedModel, run_backends
+
+    calls = []
+
+    class FakeRunners:
+        def get(self, m, backend):
+            return lambda x: (calls.append(backend), np.array([[0.0, 1.0]]))[1]
+
+    spec = ModelSpec(arch="cnn_small", class_names=("a", "b"), image_size=8)
+    m = ServedModel("m", None, None, spec)
+    asked = ["pytorch", "torchscript", "onnx_fp32", "onnx_int8"]
+    preds = run_backends(FakeRunners(), m, asked, np.zeros((1, 3, 8, 8), np.float32), 1)
+    assert calls == ["onnx_fp32", "onnx_int8", "pytorch", "torchscript"]
+    assert [p.backend for p in preds] == asked and all(p.top[0][0] == "b" for p in preds)
+
+
+def test_demo_onnx_sessions_do_not_spin(exported_run):
+    from demo.backends import Runners, ServedModel
+    from export.runtime import OnnxClassifier
+
+    path = exported_run / "export" / "model.onnx"
+    spec = OnnxClassifier(path).spec
+    runners = Runners(threads=1)
+    runners.get(ServedModel("m", None, None, spec, onnx_only=path), "onnx_fp32")
+    (clf_logits,) = runners._cache.values()
+    opts = clf_logits.__self__.session.get_session_options()
+    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
