@@ -2,8 +2,11 @@
 
     python export/benchmark.py [--checkpoint RUN/best.pt] [--threads 2]
 
-Every format gets the same preprocessed arrays and thread count; latency is measured after warm-up as
-the median and 95th percentile of many runs. Writes benchmark.md, benchmark.json and benchmark.png.
+Every format gets the same preprocessed arrays and thread count. Batch-1 latency is timed after warm-up in
+interleaved rounds (every format in turn, several times), so a slow spell on a shared machine falls on all formats
+alike and the ratios between them stay meaningful. Each row also gives the effective GFLOP/s (2 x multiply-adds per
+image / time), next to ONNX Runtime's own fp32 MatMul rate on the same threads: how close a format is to what this
+CPU can do. Writes benchmark.md, benchmark.json and benchmark.png.
 """
 
 from __future__ import annotations
@@ -46,17 +49,67 @@ class PeakMemory:
         return max(0.0, self.peak - self.start)
 
 
-def time_format(run, x: np.ndarray, runs: int) -> dict[str, float]:
-    """Batch-1 latency after warm-up: median and 95th percentile of `runs` calls."""
+def warm_up(run, x: np.ndarray, calls: int = 5) -> None:
     one = np.ascontiguousarray(x[:1])
-    for _ in range(5):
+    for _ in range(calls):
         run(one)
-    lat = []
-    for _ in range(runs):
+
+
+def time_interleaved(runs: dict[str, object], x: np.ndarray, n: int, rounds: int = 5) -> dict[str, dict[str, float]]:
+    """Batch-1 latency of every format: `rounds` rounds, each timing every format `n / rounds` times in turn; the
+    median and 95th percentile of all its calls. Each turn starts with one untimed call, because the previous
+    format's thread pool may still be spinning on the cores."""
+    one = np.ascontiguousarray(x[:1])
+    per = max(1, -(-n // rounds))
+    lat: dict[str, list[float]] = {k: [] for k in runs}
+    for _ in range(rounds):
+        for name, run in runs.items():
+            run(one)
+            for _ in range(per):
+                t = time.perf_counter()
+                run(one)
+                lat[name].append(1e3 * (time.perf_counter() - t))
+    return {k: {"p50_ms": float(np.median(v)), "p95_ms": float(np.percentile(v, 95))} for k, v in lat.items()}
+
+
+def macs_per_image(model: torch.nn.Module, x: np.ndarray) -> int | None:
+    """Multiply-adds of one forward pass at the benchmark's input size (torchinfo); None if it cannot count any."""
+    from torchinfo import summary
+
+    try:
+        macs = summary(model.eval(), (1, *x.shape[1:]), verbose=0, device="cpu").total_mult_adds
+    except Exception:  # a module torchinfo cannot trace: the benchmark still runs, without GFLOP/s
+        return None
+    return int(macs) or None
+
+
+def fp32_gemm_gflops(threads: int, n: int = 1024, calls: int = 10) -> float:
+    """ONNX Runtime's fp32 MatMul rate (n x n x n, best of `calls`) on `threads` threads: the yardstick for the
+    effective GFLOP/s of the fp32 formats (their convolutions run on the same kernels)."""
+    import onnxruntime as ort
+    from onnx import TensorProto, helper, numpy_helper
+
+    rng = np.random.default_rng(0)
+    w = numpy_helper.from_array(rng.random((n, n), dtype=np.float32), "w")
+    graph = helper.make_graph(
+        [helper.make_node("MatMul", ["x", "w"], ["y"])],
+        "gemm",
+        [helper.make_tensor_value_info("x", TensorProto.FLOAT, [n, n])],
+        [helper.make_tensor_value_info("y", TensorProto.FLOAT, [n, n])],
+        [w],
+    )
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
+    so = ort.SessionOptions()
+    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
+    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    feed = {"x": rng.random((n, n), dtype=np.float32)}
+    sess.run(None, feed)
+    best = float("inf")
+    for _ in range(calls):
         t = time.perf_counter()
-        run(one)
-        lat.append(1e3 * (time.perf_counter() - t))
-    return {"p50_ms": float(np.median(lat)), "p95_ms": float(np.percentile(lat, 95))}
+        sess.run(None, feed)
+        best = min(best, time.perf_counter() - t)
+    return 2 * n**3 / best / 1e9
 
 
 def benchmark(
@@ -70,9 +123,12 @@ def benchmark(
     known: dict[str, dict] | None = None,
 ) -> list[dict]:
     """One row per format. `known` (format -> {"accuracy", "img_per_s"} measured by validation on the same
-    images, threads and batch size) skips recomputing those; batch-1 latency is always measured here."""
+    images, threads and batch size) skips recomputing those; batch-1 latency is always measured here.
+
+    Formats are loaded one after another (peak memory = what loading one and warming it up at batch 1 added),
+    stay loaded, and are then timed together by time_interleaved."""
     torch.set_num_threads(threads)
-    rows = []
+    macs = macs_per_image(model, x)
     formats = {
         "pytorch": (ckpt_path, lambda: torch_runner(model.eval())),
         **{k: (p, (lambda p=p: runner(p, threads))) for k, p in paths.items()},
@@ -80,12 +136,14 @@ def benchmark(
     known = known or {}
     missing = [f for f in formats if known.get(f, {}).get("accuracy") is None]
     truth = y  # unlabelled images (-1) are scored against PyTorch's prediction once it is known: agreement
+    rows, loaded = [], {}
     for name, (path, make) in formats.items():
-        gc.collect()  # drop the previous format before measuring this one
+        gc.collect()
         mem = PeakMemory()
-        run = make()
-        timing: dict = time_format(run, x, runs)
-        timing["peak_mem_growth_mb"] = mem.stop()  # load + batch-1 inference: what a deployed process holds
+        run = loaded[name] = make()
+        warm_up(run, x)
+        row = {"format": name, "file": path.name, "size_mb": path.stat().st_size / 2**20}
+        row["peak_mem_growth_mb"] = mem.stop()  # load + batch-1 inference: what a deployed process holds
         given = known.get(name, {})
         accuracy = given.get("accuracy")
         if accuracy is None or (name == "pytorch" and missing and (y < 0).any()):
@@ -94,35 +152,35 @@ def benchmark(
                 truth = np.where(y >= 0, y, pred)
             if accuracy is None:
                 accuracy = float(100 * (pred == truth).mean())
-        timing["img_per_s"], timing["img_per_s_from"] = given.get("img_per_s"), "validation"
-        if timing["img_per_s"] is None:
-            timing["img_per_s"], timing["img_per_s_from"] = batch_throughput(run, x), "benchmark"
-        row = {
-            "format": name,
-            "file": path.name,
-            "size_mb": path.stat().st_size / 2**20,
-            "accuracy": accuracy,
-            **timing,
-            "threads": threads,
-        }
+        row["accuracy"] = accuracy
+        row["img_per_s"], row["img_per_s_from"] = given.get("img_per_s"), "validation"
+        if row["img_per_s"] is None:
+            row["img_per_s"], row["img_per_s_from"] = batch_throughput(run, x), "benchmark"
         rows.append(row)
-        del run  # the next format's starting point must not include this one
-        print(f"  {name:<19} {row['p50_ms']:8.2f} ms p50  {row['img_per_s']:8.1f} img/s", flush=True)
+    latency = time_interleaved(loaded, x, runs)
+    del loaded
+    for row in rows:
+        row.update(latency[row["format"]], threads=threads, macs=macs)
+        row["gflops_b1"] = 2e-6 * macs / row["p50_ms"] if macs else None
+        row["gflops_b32"] = 2e-9 * macs * row["img_per_s"] if macs else None
+        print(f"  {row['format']:<19} {row['p50_ms']:8.2f} ms p50  {row['img_per_s']:8.1f} img/s", flush=True)
     return rows
 
 
 def table(rows: list[dict]) -> str:
     base = next((r for r in rows if r["format"] == "onnx_fp32"), rows[0])
+    eager = next((r for r in rows if r["format"] == "pytorch"), rows[0])
     lines = [
-        "| format | file | size MB | held-out top-1 | p50 ms (b1) | p95 ms (b1) | img/s (b32) | "
-        "vs ORT fp32 | peak memory growth MB (load + b1) |",
-        "|---|---|---|---|---|---|---|---|---|",
+        "| format | file | size MB | held-out top-1 | p50 ms (b1) | p95 ms (b1) | b1 speed-up vs eager | "
+        "img/s (b32) | b32 vs ORT fp32 | GFLOP/s b1 / b32 | peak memory growth MB (load + b1) |",
+        "|---|---|---|---|---|---|---|---|---|---|---|",
     ]
     for r in rows:
+        flops = f"{r['gflops_b1']:.0f} / {r['gflops_b32']:.0f}" if r.get("gflops_b1") else "-"
         lines.append(
             f"| {r['format']} | {r['file']} | {r['size_mb']:.2f} | {r['accuracy']:.2f} % | {r['p50_ms']:.2f} | "
-            f"{r['p95_ms']:.2f} | {r['img_per_s']:.1f} | {r['img_per_s'] / base['img_per_s']:.2f}x | "
-            f"{r['peak_mem_growth_mb']:.0f} |"
+            f"{r['p95_ms']:.2f} | {eager['p50_ms'] / r['p50_ms']:.2f}x | {r['img_per_s']:.1f} | "
+            f"{r['img_per_s'] / base['img_per_s']:.2f}x | {flops} | {r['peak_mem_growth_mb']:.0f} |"
         )
     return "\n".join(lines)
 
@@ -149,10 +207,17 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(rows: list[dict], out: Path, device: str) -> str:
-    md = f"# Benchmark\n\n{device}\n\n{table(rows)}\n"
+def write_outputs(rows: list[dict], out: Path, device: str, gemm_gflops: float | None = None) -> str:
+    yardstick = (
+        f"Yardstick: ONNX Runtime's fp32 MatMul (1024³) on the same threads runs at {gemm_gflops:.0f} GFLOP/s; "
+        "an fp32 format's effective GFLOP/s (2 x multiply-adds / time) near it means that format is at what this "
+        "CPU can do. INT8 formats are counted in the same fp32-equivalent operations.\n\n"
+        if gemm_gflops
+        else ""
+    )
+    md = f"# Benchmark\n\n{device}\n\n{yardstick}{table(rows)}\n"
     (out / "benchmark.md").write_text(md)
-    write_json(out / "benchmark.json", {"device": device, "rows": rows})
+    write_json(out / "benchmark.json", {"device": device, "fp32_gemm_gflops": gemm_gflops, "rows": rows})
     plot(rows, out / "benchmark.png")
     return md
 
@@ -181,7 +246,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--checkpoint", help="checkpoint or run folder (default artifacts/runs/latest/best.pt)")
     p.add_argument("--export-dir", type=Path, help="folder with the exports (default <run>/export)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--runs", type=int, default=50, help="timed batch-1 runs per format")
+    p.add_argument("--runs", type=int, default=100, help="timed batch-1 runs per format (in 5 interleaved rounds)")
     p.add_argument("--max-images", type=int, default=300, help="held-out images for accuracy (0 = all)")
     return p
 
@@ -190,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     model, path, d, paths, held, _ = exported(args.checkpoint, args.export_dir, args.max_images)
     rows = benchmark(model, path, paths, held.x, held.y, args.threads, args.runs)
-    print(write_outputs(rows, d, device_line(args.threads)))
+    print(write_outputs(rows, d, device_line(args.threads), fp32_gemm_gflops(args.threads)))
     return 0
 
 

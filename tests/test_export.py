@@ -192,6 +192,38 @@ def test_benchmark_scores_unlabelled_images_against_pytorch(exported_run, monkey
         assert acc == {"pytorch": 100.0, "onnx_fp32": 0.0, "torchscript": 100.0}  # not 100 % against itself
 
 
+def test_interleaved_timing_keeps_a_neighbours_spinning_threads_out_of_the_figures(monkeypatch):
+    """A format's first call after another format is slow (that one's threads still spin); time_interleaved must
+    time every format the same number of times, in interleaved turns, without those first calls."""
+    from export import benchmark as bm
+
+    clock, log = [0.0], []
+
+    def fake(name: str, ms: float):
+        def run(x):
+            clock[0] += (20.0 if log and log[-1] != name else ms) / 1e3
+            log.append(name)
+
+        return run
+
+    monkeypatch.setattr(bm.time, "perf_counter", lambda: clock[0])
+    lat = bm.time_interleaved({"a": fake("a", 1.0), "b": fake("b", 3.0)}, np.zeros((2, 1)), n=20, rounds=5)
+    assert lat["a"]["p50_ms"] == pytest.approx(1.0) and lat["b"]["p50_ms"] == pytest.approx(3.0)
+    assert lat["a"]["p95_ms"] == pytest.approx(1.0)  # no 20 ms first call was timed
+    assert log.count("a") == log.count("b") == 5 * (4 + 1)  # 4 timed + 1 untimed per turn, 5 rounds
+    turns = [name for i, name in enumerate(log) if i == 0 or log[i - 1] != name]
+    assert turns == ["a", "b"] * 5
+
+
+def test_benchmark_counts_multiply_adds_and_has_a_gemm_yardstick():
+    from export.benchmark import fp32_gemm_gflops, macs_per_image
+
+    conv = torch.nn.Conv2d(3, 8, 3, padding=1, bias=False)
+    assert macs_per_image(conv, np.zeros((2, 3, 8, 8), np.float32)) == 8 * 3 * 3 * 3 * 8 * 8
+    assert macs_per_image(torch.nn.Identity(), np.zeros((2, 3, 8, 8), np.float32)) is None
+    assert fp32_gemm_gflops(threads=1, n=128, calls=2) > 0.1
+
+
 def test_onnx_without_spec_and_escaping_external_data(tmp_path):
     from core.models import create_model
     from core.spec import ModelSpec
