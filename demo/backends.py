@@ -84,7 +84,7 @@ class Runners:
             raise UserError(f"backend {backend} is not available for {m.name}; choose from {m.backends()}")
         path = m.path(backend)
         if backend.startswith("onnx"):
-            clf = OnnxClassifier(path, self.threads, spec=m.spec, spinning=False)
+            clf = OnnxClassifier(path, self.threads, spec=m.spec, idle_spin=False)
             return clf.logits
         import torch
 
@@ -121,7 +121,7 @@ def prepare(source, spec: ModelSpec):
 def timing_order(backends: list[str]) -> list[str]:
     """ONNX Runtime backends first, then the PyTorch ones. After a PyTorch call its OpenMP threads keep spinning for
     a while and the next ONNX Runtime call measured up to 2-3x slower; the other way round is clean because the
-    demo's ONNX Runtime sessions do not spin. A request shows each backend's own time, not its predecessor's."""
+    demo's ONNX Runtime sessions stop spinning when a run returns. Each backend's time is its own."""
     return sorted(backends, key=lambda b: not b.startswith("onnx"))
 
 

@@ -68,9 +68,10 @@ def spec_from_metadata(meta: dict[str, str], path: str | os.PathLike) -> ModelSp
     return ModelSpec.from_json(meta[SPEC_KEY])
 
 
-def make_session(path: str | os.PathLike, threads: int | None = None, spinning: bool = True):
-    """A CPU session. `spinning=False` stops its idle threads from busy-waiting after each run: slightly slower
-    alone, but a server running several sessions and PyTorch side by side stops losing cores to idle threads."""
+def make_session(path: str | os.PathLike, threads: int | None = None, idle_spin: bool = True):
+    """A CPU session. Its threads busy-wait between the operators of a run (fast); `idle_spin=False` also stops them
+    the moment a run returns, instead of spinning on for a while (ONNX Runtime's default): a process that runs other
+    sessions or PyTorch next, or serves requests, keeps its cores."""
     import onnxruntime as ort
 
     p = Path(path)
@@ -81,8 +82,8 @@ def make_session(path: str | os.PathLike, threads: int | None = None, spinning: 
     so = ort.SessionOptions()
     so.intra_op_num_threads = threads or 0
     so.inter_op_num_threads = 1
-    if not spinning:
-        so.add_session_config_entry("session.intra_op.allow_spinning", "0")
+    if not idle_spin:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
     try:
         return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
     except Exception as e:
@@ -95,10 +96,10 @@ class OnnxClassifier:
         path: str | os.PathLike,
         threads: int | None = None,
         spec: ModelSpec | None = None,
-        spinning: bool = True,
+        idle_spin: bool = True,
     ) -> None:
         self.path = Path(path)
-        self.session = make_session(path, threads, spinning)
+        self.session = make_session(path, threads, idle_spin)
         self.metadata = read_metadata(self.session)
         self.spec = spec or spec_from_metadata(self.metadata, path)
         self.input_name = self.session.get_inputs()[0].name

@@ -254,8 +254,8 @@ def test_agreement_badge_names_disagreements_and_backends_outside_their_budget()
 
 def test_backends_run_onnx_first_and_answer_in_the_order_asked(tmp_path):
     """PyTorch's OpenMP threads keep spinning after a call and slowed the next ONNX Runtime call 2-3x: the demo
-    runs ONNX backends first (its sessions do not spin), then the PyTorch ones, and still answers in the order
-    asked."""
+    runs ONNX backends first (its sessions stop spinning when a run returns), then the PyTorch ones, and still
+    answers in the order asked."""
     import numpy as np
 
     from core.spec import ModelSpec
@@ -275,7 +275,7 @@ def test_backends_run_onnx_first_and_answer_in_the_order_asked(tmp_path):
     assert [p.backend for p in preds] == asked and all(p.top[0][0] == "b" for p in preds)
 
 
-def test_demo_onnx_sessions_do_not_spin(exported_run):
+def test_demo_onnx_sessions_stop_spinning_after_each_run(exported_run):
     from demo.backends import Runners, ServedModel
     from export.runtime import OnnxClassifier
 
@@ -285,4 +285,4 @@ def test_demo_onnx_sessions_do_not_spin(exported_run):
     runners.get(ServedModel("m", None, None, spec, onnx_only=path), "onnx_fp32")
     (clf_logits,) = runners._cache.values()
     opts = clf_logits.__self__.session.get_session_options()
-    assert opts.get_session_config_entry("session.intra_op.allow_spinning") == "0"
+    assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
