@@ -15,6 +15,7 @@ import argparse
 import gc
 import threading
 import time
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -24,8 +25,10 @@ from core.errors import run_cli
 from core.memory import in_use_mb
 from export.common import exported
 from export.quantize import THROUGHPUT_BATCH, batch_throughput
+from export.runtime import session_options
 from export.validate import cycled_logits, runner, torch_runner
 from training.runs import write_json
+from training.summary import stats
 
 
 class PeakMemory:
@@ -55,7 +58,7 @@ def warm_up(run, x: np.ndarray, calls: int = 5) -> None:
         run(one)
 
 
-def time_interleaved(runs: dict[str, object], x: np.ndarray, n: int, rounds: int = 5) -> dict[str, dict[str, float]]:
+def time_interleaved(runs: dict[str, Callable], x: np.ndarray, n: int, rounds: int = 5) -> dict[str, dict[str, float]]:
     """Batch-1 latency of every format: `rounds` rounds, each timing every format `n / rounds` times in turn; the
     median and 95th percentile of all its calls. Each turn starts with one untimed call, because the previous
     format's thread pool may still be spinning on the cores."""
@@ -73,19 +76,18 @@ def time_interleaved(runs: dict[str, object], x: np.ndarray, n: int, rounds: int
 
 
 def macs_per_image(model: torch.nn.Module, x: np.ndarray) -> int | None:
-    """Multiply-adds of one forward pass at the benchmark's input size (torchinfo); None if it cannot count any."""
-    from torchinfo import summary
-
+    """Multiply-adds of one forward pass at the benchmark's (square) input size, counted as training/summary.py
+    counts them; None if nothing can be counted."""
     try:
-        macs = summary(model.eval(), (1, *x.shape[1:]), verbose=0, device="cpu").total_mult_adds
+        macs = stats(model.eval(), x.shape[1], x.shape[2])[2]
     except Exception:  # a module torchinfo cannot trace: the benchmark still runs, without GFLOP/s
         return None
     return int(macs) or None
 
 
 def fp32_gemm_gflops(threads: int, n: int = 1024, calls: int = 10) -> float:
-    """ONNX Runtime's fp32 MatMul rate (n x n x n, best of `calls`) on `threads` threads: the yardstick for the
-    effective GFLOP/s of the fp32 formats (their convolutions run on the same kernels)."""
+    """ONNX Runtime's fp32 MatMul rate (n x n x n, best of `calls`) with the formats' own session settings: the
+    yardstick for the effective GFLOP/s of the fp32 formats (their convolutions run on the same kernels)."""
     import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
@@ -99,9 +101,7 @@ def fp32_gemm_gflops(threads: int, n: int = 1024, calls: int = 10) -> float:
         [w],
     )
     model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    so = ort.SessionOptions()
-    so.intra_op_num_threads, so.inter_op_num_threads = threads, 1
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = ort.InferenceSession(model.SerializeToString(), session_options(threads), providers=["CPUExecutionProvider"])
     feed = {"x": rng.random((n, n), dtype=np.float32)}
     sess.run(None, feed)
     best = float("inf")
@@ -207,13 +207,13 @@ def plot(rows: list[dict], path: Path) -> None:
     plt.close(fig)
 
 
-def write_outputs(rows: list[dict], out: Path, device: str, gemm_gflops: float | None = None) -> str:
+def write_outputs(rows: list[dict], out: Path, threads: int) -> str:
+    """benchmark.md/.json/.png for `rows`, headed by the machine and the fp32 MatMul yardstick on `threads`."""
+    device, gemm_gflops = device_line(threads), fp32_gemm_gflops(threads)
     yardstick = (
         f"Yardstick: ONNX Runtime's fp32 MatMul (1024³) on the same threads runs at {gemm_gflops:.0f} GFLOP/s; "
         "an fp32 format's effective GFLOP/s (2 x multiply-adds / time) near it means that format is at what this "
         "CPU can do. INT8 formats are counted in the same fp32-equivalent operations.\n\n"
-        if gemm_gflops
-        else ""
     )
     md = f"# Benchmark\n\n{device}\n\n{yardstick}{table(rows)}\n"
     (out / "benchmark.md").write_text(md)
@@ -255,7 +255,7 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     model, path, d, paths, held, _ = exported(args.checkpoint, args.export_dir, args.max_images)
     rows = benchmark(model, path, paths, held.x, held.y, args.threads, args.runs)
-    print(write_outputs(rows, d, device_line(args.threads), fp32_gemm_gflops(args.threads)))
+    print(write_outputs(rows, d, args.threads))
     return 0
 
 

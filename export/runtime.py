@@ -68,10 +68,22 @@ def spec_from_metadata(meta: dict[str, str], path: str | os.PathLike) -> ModelSp
     return ModelSpec.from_json(meta[SPEC_KEY])
 
 
+def session_options(threads: int | None = None, idle_spin: bool = True):
+    """CPU session settings shared by every session the project opens. Its threads busy-wait between the operators
+    of a run (fast); `idle_spin=False` also stops them the moment a run returns, instead of spinning on for a while
+    (ONNX Runtime's default): a process that runs other sessions or PyTorch next, or serves requests, keeps its
+    cores."""
+    import onnxruntime as ort
+
+    so = ort.SessionOptions()
+    so.intra_op_num_threads = threads or 0
+    so.inter_op_num_threads = 1
+    if not idle_spin:
+        so.add_session_config_entry("session.force_spinning_stop", "1")
+    return so
+
+
 def make_session(path: str | os.PathLike, threads: int | None = None, idle_spin: bool = True):
-    """A CPU session. Its threads busy-wait between the operators of a run (fast); `idle_spin=False` also stops them
-    the moment a run returns, instead of spinning on for a while (ONNX Runtime's default): a process that runs other
-    sessions or PyTorch next, or serves requests, keeps its cores."""
     import onnxruntime as ort
 
     p = Path(path)
@@ -79,13 +91,8 @@ def make_session(path: str | os.PathLike, threads: int | None = None, idle_spin:
         raise UserError(f"{p}: no such model file")
     if p.suffix == ".onnx":
         check_external_data(p)
-    so = ort.SessionOptions()
-    so.intra_op_num_threads = threads or 0
-    so.inter_op_num_threads = 1
-    if not idle_spin:
-        so.add_session_config_entry("session.force_spinning_stop", "1")
     try:
-        return ort.InferenceSession(str(p), so, providers=["CPUExecutionProvider"])
+        return ort.InferenceSession(str(p), session_options(threads, idle_spin), providers=["CPUExecutionProvider"])
     except Exception as e:
         raise UserError(f"{p}: ONNX Runtime cannot load it ({str(e).splitlines()[0][:120]})") from None
 

@@ -16,7 +16,7 @@ from pathlib import Path
 from core.checkpoint import file_sha256, load_model
 from core.errors import run_cli
 from export import onnx_io, quantize, validate
-from export.benchmark import benchmark, device_line, fp32_gemm_gflops, write_outputs
+from export.benchmark import benchmark, write_outputs
 from export.common import data_for, default_checkpoint, output_dir
 from export.to_torchscript import export_torchscript
 from training.runs import write_json
@@ -151,7 +151,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_benchmark:
         print("benchmark:")
         rows = benchmark(model, ck_path, paths, held.x, held.y, args.threads, 50, known)
-        print(write_outputs(rows, out, device_line(args.threads), fp32_gemm_gflops(args.threads)))
+        print(write_outputs(rows, out, args.threads))
         stages.done("benchmark")
     total = round(time.perf_counter() - t0, 1)
     write_json(out / "export.json", {**summary, "seconds": total, "stage_seconds": stages.seconds})
