@@ -129,6 +129,47 @@ def sample_images(spec: ModelSpec, n: int, seed: int) -> Images:
     return Images(np.stack(xs), np.full(n, -1, np.int64))
 
 
+def _source(ckpt: Checkpoint):
+    a = ckpt.args
+    src = load_source(
+        a.get("data", "elpv"),
+        a.get("val_split", 0.15),
+        a.get("elpv_task", "4class"),
+        Path(a.get("data_dir", "artifacts/data")),
+    )
+    if list(src.class_names) != list(ckpt.spec.class_names):
+        raise UserError("the checkpoint's dataset no longer has the same classes; cannot validate on it")
+    return src
+
+
+def _stratified(split: Split, n: int, what: str) -> list[int]:
+    """All indices (n = 0) or a stratified sample of n: accuracy keeps the split's class mix."""
+    idx = list(range(len(split)))
+    n_cls = len(set(split.labels))
+    if 0 < n < n_cls:
+        raise UserError(
+            f"{what} {n} is below the {n_cls} classes of the held-out split: every class needs at least one image; "
+            f"pass 0 (all images) or at least {n_cls}"
+        )
+    if 0 < n < len(split):
+        idx = sorted(stratified_split(idx, split.labels, n)[1].items)
+    return idx
+
+
+def calibration_set(src, spec: ModelSpec, n: int, num_classes: int) -> Images:
+    """n training images, every class represented (a class missing from calibration gets ranges it never saw)."""
+    if n < num_classes:
+        raise UserError(
+            f"--calib-images {n} is below the {num_classes} classes: calibration needs every class; "
+            f"pass at least {num_classes} (256 recommended)"
+        )
+    missing = sorted(set(range(num_classes)) - set(src.train.labels))
+    if missing:
+        names = ", ".join(src.class_names[c] for c in missing)
+        raise UserError(f"the training split has no images of class {names}: cannot calibrate INT8 on every class")
+    return _load(src.train, spec, _balanced_subset(src.train.labels, n))
+
+
 def data_for(ckpt: Checkpoint, calib_n: int, heldout_n: int) -> tuple[Images | None, Images, str]:
     """(calibration images from train, held-out images from test/val, description)."""
     a = ckpt.args
@@ -138,24 +179,25 @@ def data_for(ckpt: Checkpoint, calib_n: int, heldout_n: int) -> tuple[Images | N
             sample_images(ckpt.spec, heldout_n if heldout_n > 0 else 256, seed=2),
             "random crops of scikit-learn sample photos (no labels: agreement with PyTorch only)",
         )
-    src = load_source(
-        a.get("data", "elpv"),
-        a.get("val_split", 0.15),
-        a.get("elpv_task", "4class"),
-        Path(a.get("data_dir", "artifacts/data")),
-    )
-    if list(src.class_names) != list(ckpt.spec.class_names):
-        raise UserError("the checkpoint's dataset no longer has the same classes; cannot validate on it")
+    src = _source(ckpt)
     name, held = src.eval_split
-    held_idx = list(range(len(held)))
-    if 0 < heldout_n < len(held):  # stratified sample: accuracy keeps the split's class mix
-        held_idx = sorted(stratified_split(held_idx, held.labels, heldout_n)[1].items)
-    calib = _load(src.train, ckpt.spec, _balanced_subset(src.train.labels, calib_n)) if calib_n > 0 else None
+    held_idx = _stratified(held, heldout_n, "--max-images")
+    calib = calibration_set(src, ckpt.spec, calib_n, ckpt.spec.num_classes) if calib_n > 0 else None
     return (
         calib,
         _load(held, ckpt.spec, held_idx),
         f"{src.name} {name} split ({len(held_idx)} of {len(held)} images)",
     )
+
+
+def selection_for(ckpt: Checkpoint, n: int) -> tuple[Images, str]:
+    """Images that choose between INT8 candidates: the validation split, never the test split that reports
+    the chosen model (choosing on test images would be model selection on test data)."""
+    if ckpt.args.get("data") == "imagenet-samples":
+        return sample_images(ckpt.spec, n if n > 0 else 256, seed=3), "random crops of sample photos (seed 3)"
+    src = _source(ckpt)
+    idx = _stratified(src.val, n, "--max-images")
+    return _load(src.val, ckpt.spec, idx), f"{src.name} val split ({len(idx)} of {len(src.val)} images)"
 
 
 def exported(checkpoint: str | None, export_dir: Path | None, max_images: int):

@@ -17,7 +17,7 @@ from core.checkpoint import file_sha256, load_model
 from core.errors import run_cli
 from export import onnx_io, quantize, validate
 from export.benchmark import benchmark, write_outputs
-from export.common import data_for, default_checkpoint, output_dir
+from export.common import data_for, default_checkpoint, output_dir, selection_for
 from export.to_torchscript import export_torchscript
 from training.runs import write_json
 
@@ -94,12 +94,15 @@ class Stages:
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
+    if not args.no_int8:
+        quantize.check_budget(args)  # before anything is written
     stages = Stages()
     t0 = stages.t0
     ck_path = default_checkpoint(args.checkpoint)
     model, ck = load_model(ck_path)
-    out = output_dir(ck_path, args.out)
     calib, held, desc = data_for(ck, 0 if args.no_int8 else args.calib_images, args.max_images)
+    select = None if args.no_int8 else selection_for(ck, args.max_images)
+    out = output_dir(ck_path, args.out)  # only once the inputs are known to be usable
     print(f"exporting {ck_path} -> {out}/  (held-out: {desc})")
     stages.done("load")
     fp32, info = export_fp32(model, ck, ck_path, out, args, held.x[:1])
@@ -109,7 +112,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_int8:
         int8 = out / "model.int8.onnx"
         int8.unlink(missing_ok=True)  # never leave a stale INT8 model beside a new fp32 one
-        qrep = quantize.run_search(fp32, int8, calib.x, held, args)
+        qrep = quantize.run_search(fp32, int8, calib.x, select[0], args, select[1])
         write_json(out / "quantization.json", qrep)
         (out / "quantization.md").write_text(quantize.search_table(qrep) + "\n")
         summary["int8"], summary["int8_forced"] = qrep["chosen"], qrep["forced"]

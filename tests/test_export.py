@@ -102,19 +102,87 @@ def test_dynamic_batch_survives_simplification(tmp_path, name):
         assert np.abs(got - ref[:b]).max() <= 1e-4
 
 
-def test_int8_refused_when_budget_cannot_be_met(run_dir, monkeypatch, capsys):
+def test_int8_refused_when_no_candidate_fits_names_the_next_step(run_dir, monkeypatch, capsys):
+    from export import quantize
+
     monkeypatch.chdir(run_dir.parent.parent.parent)
+    monkeypatch.setattr(quantize, "fits", lambda stats, budget: False)  # a model no configuration can keep
     out = run_dir.parent / "refused"
-    code = one_shot(run_dir, "--out", str(out), "--min-agreement", "100.1", "--no-torchscript", "--no-benchmark")
+    code = one_shot(run_dir, "--out", str(out), "--no-torchscript", "--no-benchmark")
     assert code == 3
-    assert not (out / "model.int8.onnx").exists()
-    assert "NOT written" in capsys.readouterr().out
+    assert not (out / "model.int8.onnx").exists() and (out / "model.onnx").is_file()
+    printed = capsys.readouterr().out
+    assert "NOT written" in printed
+    assert f"python export/quantize.py --onnx {out / 'model.onnx'} --search full" in printed  # the command to run
+    q = json.loads((out / "quantization.json").read_text())
+    retried = [r for r in q["candidates"] if r["config"].endswith("+fp32-lead")]
+    assert retried and all(r["excluded"] for r in retried)  # the retry kept the leading layers in fp32
+
+
+@pytest.mark.parametrize(
+    "flags, message",
+    [
+        (["--min-agreement", "100.1"], "--min-agreement 100.1 cannot be met"),
+        (["--max-drop", "-1"], "give values >= 0"),
+        (["--max-images", "2"], "--max-images 2 is below the 3 classes"),
+        (["--calib-images", "2"], "--calib-images 2 is below the 3 classes"),
+    ],
+)
+def test_export_refuses_impossible_budgets_and_counts_before_writing(run_dir, tmp_path, capsys, flags, message):
+    out = tmp_path / "never"
+    argv = ["--checkpoint", str(run_dir / "best.pt"), "--out", str(out), *flags]
+    assert run_cli(to_onnx.main, argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]  # one line, no traceback
+    assert not out.exists()  # nothing half-written
+
+
+def test_int8_search_chooses_on_validation_images_never_on_test(run_dir, tmp_path, monkeypatch):
+    """The search sees the validation split only; the test split reports the chosen model once, in validation."""
+    from dataclasses import replace
+
+    from core.checkpoint import load_checkpoint, save_checkpoint
+    from export import quantize
+    from tests.conftest import make_folder
+
+    root = tmp_path / "split"
+    for k, part in enumerate(("train", "val", "test")):
+        make_folder(root / part, per_class=4, odd_files=False, seed=10 + k)
+    ck = load_checkpoint(run_dir / "best.pt")
+    save_checkpoint(replace(ck, args={**ck.args, "data": str(root)}), tmp_path / "best.pt")
+    seen = {}
+
+    def spy(src, out, calib, held_x, held_y, *a, **kw):
+        seen["x"], seen["y"] = held_x, held_y
+        return {"budget": {}, "fp32_img_per_s": 1.0, "candidates": [], "chosen": None, "forced": False}
+
+    monkeypatch.setattr(quantize, "search", spy)
+    monkeypatch.chdir(tmp_path)
+    argv = ["--checkpoint", str(tmp_path / "best.pt"), "--calib-images", "6", "--no-torchscript", "--no-benchmark"]
+    assert run_cli(to_onnx.main, argv) == 3
+    spec = ck.spec
+
+    def arrays(part):
+        return [preprocess(load_image(p), spec) for p in sorted((root / part).rglob("*.png"))]
+
+    val, test = arrays("val"), arrays("test")
+    assert len(seen["x"]) == len(val) == 12
+    assert all(any(np.array_equal(s, v) for v in val) for s in seen["x"])
+    assert not any(np.array_equal(s, t) for s in seen["x"] for t in test)
+    report = json.loads((tmp_path / "export" / "report.json").read_text())
+    assert "test split" in report["images"]  # the test split is what validation reports on
 
 
 def test_force_writes_int8_outside_the_budget_loudly(run_dir, monkeypatch, capsys):
+    from export import quantize
+
     monkeypatch.chdir(run_dir.parent.parent.parent)
     out = run_dir.parent / "forced"
-    code = one_shot(run_dir, "--out", str(out), "--min-agreement", "100.1", "--force", "--no-torchscript")
+    from export import validate
+
+    for module in (quantize, validate):  # a model that no INT8 configuration keeps inside its budget
+        monkeypatch.setattr(module, "fits", lambda stats, budget: False)
+    code = one_shot(run_dir, "--out", str(out), "--force", "--no-torchscript")
     assert code == 0  # the fp32 gates passed; the INT8 one failed on purpose
     printed = capsys.readouterr().out
     assert "OUTSIDE the accuracy budget" in printed and "INT8 artifacts FAIL" in printed

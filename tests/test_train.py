@@ -1,7 +1,12 @@
 import csv
+import io
 import json
+import re
+import sys
+import time
 
 import pytest
+import torch
 
 from core.errors import run_cli
 from tests.conftest import CLASSES, make_folder
@@ -265,3 +270,172 @@ def test_torchvision_weights_from_file(workdir, tiny_folder):
         == 0
     )
     assert json.loads((workdir / "artifacts/runs/w/meta.json").read_text())["args"]["weights"].endswith("mnv2.pth")
+
+
+class _FakeTerminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def _slow_batches(n: int, seconds: float):
+    for _ in range(n):
+        time.sleep(seconds)
+        yield torch.randn(4, 3), torch.randint(0, 2, (4,)), 0
+
+
+def test_progress_bar_counts_batches_on_a_terminal(monkeypatch):
+    """The transfer bar stood at 0/53 while loss and accuracy moved: a postfix redraw showed tqdm's stale count."""
+    from training.engine import train_one_epoch
+
+    term = _FakeTerminal()
+    monkeypatch.setattr(sys, "stderr", term)
+    model = torch.nn.Linear(3, 2)
+    opt = torch.optim.SGD(model.parameters(), lr=0.1)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0)
+    loader = list(_slow_batches(12, 0.0))
+
+    class Slow:  # 12 batches over ~0.6 s: several redraws at tqdm's 0.1 s interval
+        def __len__(self):
+            return len(loader)
+
+        def __iter__(self):
+            for b in loader:
+                time.sleep(0.05)
+                yield b
+
+    train_one_epoch(model, Slow(), opt, sched, torch.nn.CrossEntropyLoss(), torch.device("cpu"), "epoch 1/1")
+    frames = [f for f in re.split(r"[\r\n]", term.getvalue()) if "/12" in f]
+    with_loss = [f for f in frames if "loss=" in f]
+    assert with_loss, frames
+    counts = [int(re.search(r"(\d+)/12", f).group(1)) for f in with_loss]
+    assert min(counts) >= 1 and max(counts) > 1, frames  # every drawn loss comes with the batches it covers
+
+
+def test_no_progress_bar_when_output_is_not_a_terminal(monkeypatch):
+    from training.engine import progress_bar
+
+    monkeypatch.setattr(sys, "stderr", io.StringIO())
+    assert progress_bar(range(3), "x", True).disable
+    monkeypatch.setattr(sys, "stderr", _FakeTerminal())
+    assert not progress_bar(range(3), "x", True).disable
+    assert progress_bar(range(3), "x", False).disable
+
+
+def test_benchmark_summarises_seeds_as_mean_and_sample_std():
+    from training.benchmark import summary_rows
+
+    rows = [
+        {"config": "--mode transfer", "seed": s, "wall_s": w, "accuracy": a, "balanced": b}
+        for s, w, a, b in [(0, 180, 76.0, 50.0), (1, 60, 78.0, 52.0), (2, 60, 80.0, 54.0)]
+    ]
+    rows.append({"config": "--mode transfer", "seed": 3, "wall_s": 5, "error": "boom"})  # failed runs are left out
+    (line,) = summary_rows(rows)
+    assert "| 3 |" in line and "3.0 min (cold), 1.0 min (warm)" in line
+    assert "78.00 ± 2.00 %" in line and "52.00 ± 2.00 %" in line  # ddof=1
+
+
+def test_symmetric_views_are_the_eight_symmetries_of_a_square():
+    import numpy as np
+
+    from training.features import VIEW_ORDER, symmetric_view
+
+    x = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
+    views = [symmetric_view(x, k) for k in VIEW_ORDER[8]]
+    assert len({v.tobytes() for v in views}) == 8  # all distinct
+    assert np.array_equal(views[0], x) and np.array_equal(views[4], x[..., ::-1])
+    assert np.array_equal(views[1], np.rot90(x, 1, axes=(2, 3)))
+    for v in views:  # a permutation of each channel's pixels, nothing else: same values, batch and channel kept
+        assert v.flags["C_CONTIGUOUS"] and v.shape == x.shape
+        assert np.array_equal(np.sort(v.reshape(2, 3, -1)), np.sort(x.reshape(2, 3, -1)))
+
+
+def test_feature_cache_key_changes_with_every_option_that_changes_the_arrays(tiny_folder):
+    from core.spec import ModelSpec
+    from training.data import load_source
+    from training.features import cache_key
+
+    split = load_source(str(tiny_folder)).train
+    kw = {"head": "linear", "dropout": None, "hidden": 256, "taps": [], "pool": "mean"}
+    spec = ModelSpec("efficientnet_lite0", CLASSES, 32, 32, "squash", "bilinear", (0.5,) * 3, (0.5,) * 3, "rgb", kw)
+    base = cache_key(spec, "imagenet", split)
+    assert cache_key(spec, "imagenet", split, views=8) != base
+    assert cache_key(spec, "imagenet", split, stop=12) != base != cache_key(spec, "imagenet", split, stop=13)
+    assert cache_key(spec, None, split) != base
+    head_only = ModelSpec(
+        *[
+            getattr(spec, f)
+            for f in (
+                "arch",
+                "class_names",
+                "image_size",
+                "resize_size",
+                "crop",
+                "interpolation",
+                "mean",
+                "std",
+                "color",
+            )
+        ],
+        {**kw, "head": "mlp", "hidden": 64},
+    )
+    assert cache_key(head_only, "imagenet", split) == base  # the head is not in the cached part
+    pooled = ModelSpec(
+        *[
+            getattr(spec, f)
+            for f in (
+                "arch",
+                "class_names",
+                "image_size",
+                "resize_size",
+                "crop",
+                "interpolation",
+                "mean",
+                "std",
+                "color",
+            )
+        ],
+        {**kw, "pool": "meanmax"},
+    )
+    assert cache_key(pooled, "imagenet", split) != base  # transfer caches pooled features
+    assert cache_key(pooled, "imagenet", split, stop=12) == cache_key(spec, "imagenet", split, stop=12)
+
+
+def test_partial_finetune_trains_only_the_blocks_after_the_cut(workdir, tiny_folder):
+    from core.checkpoint import load_checkpoint
+    from core.models import create_model
+
+    argv = ["--data", str(tiny_folder), "--mode", "finetune", "--model", "efficientnet_lite0", "--epochs", "2"]
+    assert run_train(*argv, "--trainable-from", "12", "--views", "8", "--lr", "0.01", "--name", "p") == 0
+    run = workdir / "artifacts/runs/p"
+    ck = load_checkpoint(run / "best.pt")
+    ref = create_model("efficientnet_lite0", 3, 3, 32, "imagenet", keep_pretrained_head=False, **ck.spec.arch_kwargs)
+    ref_sd = ref.state_dict()
+    frozen = [k for k in ck.state_dict if k.startswith(("backbone._conv_stem", "backbone._bn0"))]
+    frozen += [k for k in ck.state_dict for b in range(12) if k.startswith(f"backbone._blocks.{b}.")]
+    trained = [k for k in ck.state_dict if k.startswith("backbone._blocks.13.") and k.endswith("weight")]
+    assert frozen and trained
+    assert all(torch.equal(ck.state_dict[k], ref_sd[k]) for k in frozen)  # weights and BN statistics untouched
+    assert any(not torch.equal(ck.state_dict[k], ref_sd[k]) for k in trained)
+    cached = sorted(p.name for p in (workdir / "artifacts/cache/features").glob("*upto12*"))
+    assert any("train-upto12-8views" in n for n in cached) and any("val-upto12-" in n for n in cached)
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["n"] > 0 and "balanced_accuracy" in m
+    # the checkpoint is an ordinary whole model: it predicts from images like any other run
+    assert run_cli(predict.main, [str(next(tiny_folder.glob("circle/*.png"))), "--checkpoint", str(run)]) == 0
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--mode", "transfer", "--trainable-from", "12"], "use it with --mode finetune"),
+        (["--mode", "finetune", "--model", "resnet18", "--trainable-from", "2"], "resnet18 is not one"),
+        (["--mode", "finetune", "--trainable-from", "16"], "block index from 1 to 15"),
+        (["--mode", "finetune", "--trainable-from", "12", "--augment", "basic"], "image augmentation cannot"),
+        (["--mode", "finetune", "--trainable-from", "12", "--taps", "4,14"], "--taps [4] lie in the frozen"),
+        (["--mode", "scratch", "--model", "cnn_small", "--views", "8"], "--views applies to cached features"),
+    ],
+)
+def test_partial_finetune_options_are_refused_where_they_do_not_apply(workdir, tiny_folder, capsys, argv, message):
+    assert run_train("--data", str(tiny_folder), "--epochs", "1", *argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]

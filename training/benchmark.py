@@ -2,9 +2,11 @@
 
     python training/benchmark.py                                   # the default transfer run on ELPV
     python training/benchmark.py --runs "--mode transfer" "--mode finetune --epochs 2 --image-size 224"
+    python training/benchmark.py --seeds 0 1 2                     # mean +- std over seeds
 
 Each configuration runs as its own process (cold start included, as a user would see it); the feature
-cache is cleared first unless --warm-cache is given, so transfer timings include feature extraction.
+cache is cleared before a configuration's first seed unless --warm-cache is given, so its first wall time
+includes feature extraction (later seeds reuse the cache: their wall time is the warm one).
 """
 
 from __future__ import annotations
@@ -18,14 +20,18 @@ import sys
 import time
 from pathlib import Path
 
+import numpy as np
+
 from training.runs import ARTIFACTS, RUNS
 
 
-def run_one(extra: str, name: str) -> dict:
+def run_one(extra: str, name: str, seed: int = 0) -> dict:
     cmd = [
         sys.executable,
         str(Path(__file__).with_name("train.py")),
         *shlex.split(extra),
+        "--seed",
+        str(seed),
         "--name",
         name,
         "--no-progress",
@@ -38,6 +44,7 @@ def run_one(extra: str, name: str) -> dict:
     m = json.loads((RUNS / name / "metrics.json").read_text())
     return {
         "config": extra,
+        "seed": seed,
         "wall_s": wall,
         "accuracy": 100 * m["accuracy"],
         "balanced": 100 * m["balanced_accuracy"],
@@ -46,26 +53,52 @@ def run_one(extra: str, name: str) -> dict:
     }
 
 
+def mean_std(values: list[float]) -> str:
+    return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
+
+
+def summary_rows(rows: list[dict]) -> list[str]:
+    """One line per configuration: mean ± sample std over its seeds (the headline figures)."""
+    out = []
+    for config in dict.fromkeys(r["config"] for r in rows):
+        ok = [r for r in rows if r["config"] == config and "error" not in r]
+        if not ok:
+            continue
+        walls = [r["wall_s"] / 60 for r in ok]
+        out.append(
+            f"| `{config}` | {len(ok)} | {walls[0]:.1f} min (cold), {np.mean(walls[1:] or walls):.1f} min (warm) | "
+            f"{mean_std([r['accuracy'] for r in ok])} % | {mean_std([r['balanced'] for r in ok])} % |"
+        )
+    return out
+
+
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--runs", nargs="+", default=["--mode transfer"], help="train.py arguments per configuration")
+    p.add_argument(
+        "--seeds", nargs="+", type=int, default=[0], help="--seed values; each configuration runs once per seed"
+    )
     p.add_argument("--warm-cache", action="store_true", help="keep cached transfer features")
     args = p.parse_args(argv)
     rows = []
     for i, extra in enumerate(args.runs):
-        if not args.warm_cache:
-            shutil.rmtree(ARTIFACTS / "cache" / "features", ignore_errors=True)
-        rows.append(run_one(extra, f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{i}"))
-        print(f"done: {extra} ({rows[-1]['wall_s']:.0f} s)", flush=True)
-    print("\n| configuration | wall time | held-out top-1 | balanced | split | best epoch |\n|---|---|---|---|---|---|")
+        for seed in args.seeds:
+            if not args.warm_cache and seed == args.seeds[0]:
+                shutil.rmtree(ARTIFACTS / "cache" / "features", ignore_errors=True)
+            rows.append(run_one(extra, f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{i}-s{seed}", seed))
+            print(f"done: {extra} seed {seed} ({rows[-1]['wall_s']:.0f} s)", flush=True)
+    print("\n| configuration | seed | wall time | held-out top-1 | balanced | split | best epoch |")
+    print("|---|---|---|---|---|---|---|")
     for r in rows:
         if "error" in r:
-            print(f"| `{r['config']}` | {r['wall_s']:.0f} s | error: {r['error']} | | | |")
+            print(f"| `{r['config']}` | {r['seed']} | {r['wall_s']:.0f} s | error: {r['error']} | | | |")
         else:
             print(
-                f"| `{r['config']}` | {r['wall_s'] / 60:.1f} min | {r['accuracy']:.2f} % | {r['balanced']:.2f} % | "
-                f"{r['split']} | {r['epochs']} |"
+                f"| `{r['config']}` | {r['seed']} | {r['wall_s'] / 60:.1f} min | {r['accuracy']:.2f} % | "
+                f"{r['balanced']:.2f} % | {r['split']} | {r['epochs']} |"
             )
+    print("\n| configuration | seeds | wall time | top-1 (mean ± std) | balanced (mean ± std) |\n|---|---|---|---|---|")
+    print("\n".join(summary_rows(rows)))
     return 0
 
 

@@ -68,12 +68,26 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--interpolation", choices=INTERPOLATIONS, default="bilinear")
     g.add_argument("--color", choices=COLOR_MODES, help="default: rgb, or gray3/gray for grayscale data")
     g.add_argument("--augment", choices=AUGMENTATIONS, default="none")
+    g.add_argument(
+        "--views",
+        choices=("auto", "1", "2", "8"),
+        default="auto",
+        help="cached-feature training: views of each training image (2 = + horizontal flip, 8 = the square's "
+        "flips and 90-degree rotations); auto = 8 for a partial finetune on data whose labels survive them "
+        "(ELPV cells), else 1",
+    )
     g = p.add_argument_group("optimisation")
     g.add_argument("--epochs", type=int, help="default per mode")
     g.add_argument("--batch-size", type=int, default=32)
     g.add_argument("--optimizer", choices=OPTIMIZERS, default="adamw")
     g.add_argument("--lr", type=float, help="head learning rate (default per mode)")
     g.add_argument("--backbone-lr-scale", type=float, default=0.1, help="finetune: backbone lr = lr * this")
+    g.add_argument(
+        "--trainable-from",
+        type=int,
+        help="finetune, EfficientNet-Lite: freeze the blocks before this one, cache their output once per image "
+        "and view, train the rest (a partial finetune: much cheaper epochs on a CPU)",
+    )
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine")
     g.add_argument("--warmup-epochs", type=float, default=1.0)

@@ -44,6 +44,7 @@ class DataSource:
     gray: bool = False  # images are single-channel
     native_size: int | None = None
     skipped: int = 0  # files dropped at scan time (not images)
+    symmetric: bool = False  # every flip and 90-degree rotation of an image keeps its label (square cells)
 
     @property
     def class_to_idx(self) -> dict[str, int]:
@@ -196,7 +197,7 @@ def elpv_source(task: str = "4class", val_split: float = 0.15) -> DataSource:
         val_split,
         strata=[strata[i] for i in trval],
     )
-    return DataSource(f"elpv-{task}", names, train, val, test, gray=True, native_size=300)
+    return DataSource(f"elpv-{task}", names, train, val, test, gray=True, native_size=300, symmetric=True)
 
 
 def digits_source(val_split: float = 0.15) -> DataSource:

@@ -69,6 +69,12 @@ def make_scheduler(
     return torch.optim.lr_scheduler.LambdaLR(optimizer, factor)
 
 
+def progress_bar(iterable, desc: str, progress: bool, total: int | None = None) -> tqdm:
+    """A bar on a terminal only: disable=None turns tqdm off when stderr is not a TTY, so a log gets the one
+    line per epoch the recorder prints instead of thousands of redrawn bars."""
+    return tqdm(iterable, desc=desc, total=total, leave=False, disable=None if progress else True, dynamic_ncols=True)
+
+
 @dataclass
 class EpochStats:
     loss: float
@@ -100,7 +106,7 @@ def train_one_epoch(
 ) -> EpochStats:
     model.train()
     t0, total_loss, correct, seen, skipped = time.perf_counter(), 0.0, 0, 0, 0
-    bar = tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True)
+    bar = progress_bar(loader, desc, progress)
     for x, y, n_skipped in bar:
         skipped += n_skipped
         if len(y) == 0:
@@ -129,7 +135,9 @@ def train_one_epoch(
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()
         seen += len(y)
-        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}")
+        # refresh=False: a refresh here would redraw tqdm's stale counter (its iterator only publishes the count at
+        # its own refreshes), which left the transfer bar at 0/53 while the loss moved
+        bar.set_postfix(loss=f"{total_loss / seen:.4f}", acc=f"{correct / seen:.3f}", refresh=False)
     return EpochStats(total_loss / max(seen, 1), correct / max(seen, 1), seen, skipped, time.perf_counter() - t0)
 
 
@@ -146,7 +154,7 @@ def predict(
     """(logits float32 [N, C], labels int64 [N], skipped count) over a loader of (x, y, skipped)."""
     model.eval()
     logits, labels, skipped = [], [], 0
-    for x, y, n_skipped in tqdm(loader, desc=desc, leave=False, disable=not progress, dynamic_ncols=True):
+    for x, y, n_skipped in progress_bar(loader, desc, progress):
         skipped += n_skipped
         if len(y) == 0:
             continue

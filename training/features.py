@@ -1,8 +1,11 @@
-"""Transfer learning with a frozen backbone: compute features once, cache them, train only the head.
+"""Frozen parts computed once and cached: the whole backbone (transfer: train only the head) or the first
+blocks of an EfficientNet-Lite (partial finetune: train the rest on their cached output).
 
-The backbone is exported to ONNX and run by ONNX Runtime, ~10x faster than PyTorch eager for
+The frozen part is exported to ONNX and run by ONNX Runtime, ~10x faster than PyTorch eager for
 depthwise convolutions on CPU (field notes); on GPU, or if export fails, PyTorch runs it.
 Preprocessing is core.preprocess, which the golden test pins to the training eval transform.
+Training images can be cached under several label-preserving views (flips, 90-degree rotations of the
+preprocessed square): a training step then draws one view per image, as augmentation would.
 """
 
 from __future__ import annotations
@@ -18,13 +21,13 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch import nn
-from tqdm import tqdm
 
 from core.images import ImageError
 from core.onnx_export import torch_to_onnx
 from core.preprocess import decode_size, preprocess
 from core.spec import ModelSpec
 from training.data import Split, load_item
+from training.engine import progress_bar
 
 
 def _item_key(item: object) -> str:
@@ -37,18 +40,33 @@ def _item_key(item: object) -> str:
     return f"{type(ds).__name__}:{getattr(ds, 'root', '')}:{i}"
 
 
-CACHE_VERSION = 3  # bump when backbone code changes what features come out
+CACHE_VERSION = 4  # bump when backbone code changes what features come out
 
 
-def cache_key(spec: ModelSpec, weights: str | None, split: Split) -> str:
+def cache_key(spec: ModelSpec, weights: str | None, split: Split, stop: int | None = None, views: int = 1) -> str:
+    """Everything that changes the cached arrays: preprocessing, backbone options, weights, where the frozen
+    part stops (None = whole backbone), the number of views, and every file (path, size, mtime)."""
     pre = spec.to_dict()
     for k in ("class_names", "arch_kwargs"):
         pre.pop(k)
     bb = {k: v for k, v in spec.arch_kwargs.items() if k not in ("head", "dropout", "hidden")}
-    h = hashlib.sha256(json.dumps([CACHE_VERSION, pre, bb, weights], sort_keys=True, default=str).encode())
+    if stop is not None:  # pooling and taps act after the cached prefix
+        bb = {k: v for k, v in bb.items() if k not in ("taps", "pool")}
+    blob = [CACHE_VERSION, pre, bb, weights, stop, views]
+    h = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode())
     for it in split.items:
         h.update(_item_key(it).encode())
     return h.hexdigest()[:24]
+
+
+def symmetric_view(x: np.ndarray, k: int) -> np.ndarray:
+    """View k (0..7) of a batch of square images [..., H, W]: k % 4 quarter turns, mirrored when k >= 4.
+    The 8 are the symmetries of a square; views 0 and 4 (identity, horizontal flip) are the 2-view set."""
+    x = np.rot90(x, k % 4, axes=(-2, -1))
+    return np.ascontiguousarray(x[..., ::-1] if k >= 4 else x)
+
+
+VIEW_ORDER = {1: (0,), 2: (0, 4), 8: tuple(range(8))}
 
 
 def _batches(split: Split, spec: ModelSpec, batch_size: int) -> Iterator[tuple[np.ndarray, list[int]]]:
@@ -86,39 +104,43 @@ def _torch_runner(backbone: nn.Module, device: torch.device):
 
 
 def extract_features(
-    backbone: nn.Module,
+    frozen: nn.Module,
     spec: ModelSpec,
     split: Split,
     device: torch.device,
     batch_size: int = 32,
     desc: str = "features",
     progress: bool = True,
+    views: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    backbone = backbone.eval()
+    """(features [N, ...] for one view, [N, views, ...] for several; labels [N]) of the images that decode."""
+    frozen = frozen.eval()
     feats, labels = [], []
     with tempfile.TemporaryDirectory() as tmp:
         run = None
         if device.type == "cpu":
             try:
-                run = _ort_runner(backbone, spec, Path(tmp))
+                run = _ort_runner(frozen, spec, Path(tmp))
             except Exception as e:
                 warnings.warn(
                     f"ONNX Runtime feature path unavailable ({type(e).__name__}); using PyTorch", stacklevel=1
                 )
-        run = run or _torch_runner(backbone.to(device), device)
+        run = run or _torch_runner(frozen.to(device), device)
         total = -(-len(split) // batch_size)
-        for x, keep in tqdm(
-            _batches(split, spec, batch_size), total=total, desc=desc, leave=False, disable=not progress
-        ):
-            feats.append(run(x))
+        for x, keep in progress_bar(_batches(split, spec, batch_size), desc, progress, total):
+            if views == 1:
+                feats.append(run(x))
+            else:  # float16 halves the cache of feature maps; the loader gives float32 back
+                feats.append(np.stack([run(symmetric_view(x, k)).astype(np.float16) for k in VIEW_ORDER[views]], 1))
             labels += [split.labels[i] for i in keep]
     if not feats:
         raise ValueError("no readable images in split")
-    return np.concatenate(feats).astype(np.float32), np.asarray(labels, np.int64)
+    x = np.concatenate(feats)
+    return (x.astype(np.float32) if views == 1 else x), np.asarray(labels, np.int64)
 
 
 def cached_features(
-    backbone: nn.Module,
+    frozen: nn.Module,
     spec: ModelSpec,
     weights: str | None,
     split: Split,
@@ -126,12 +148,15 @@ def cached_features(
     cache_dir: Path,
     device: torch.device,
     progress: bool = True,
+    stop: int | None = None,
+    views: int = 1,
 ) -> tuple[np.ndarray, np.ndarray]:
-    path = cache_dir / f"{spec.arch}-{name}-{cache_key(spec, weights, split)}.npz"
+    tag = f"{spec.arch}-{name}" + (f"-upto{stop}" if stop is not None else "") + (f"-{views}views" if views > 1 else "")
+    path = cache_dir / f"{tag}-{cache_key(spec, weights, split, stop, views)}.npz"
     if path.is_file():
         with np.load(path) as z:
             return z["x"], z["y"]
-    x, y = extract_features(backbone, spec, split, device, desc=f"features[{name}]", progress=progress)
+    x, y = extract_features(frozen, spec, split, device, desc=f"features[{name}]", progress=progress, views=views)
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}.npz")
     np.savez(tmp, x=x, y=y)
@@ -140,11 +165,25 @@ def cached_features(
 
 
 class FeatureLoader:
-    """Minibatches of cached features, in the given index order, in the (x, y, skipped) shape of the engine."""
+    """Minibatches of cached features, in the given index order, in the (x, y, skipped) shape of the engine.
 
-    def __init__(self, x: np.ndarray, y: np.ndarray, batch_size: int, indices: list[int]) -> None:
+    With several cached views per image ([N, V, ...]), each image contributes one view per epoch, drawn from
+    `view_seed` (seed and epoch: a resumed run draws the same views); without a seed, view 0 (the image as is)."""
+
+    def __init__(
+        self,
+        x: np.ndarray,
+        y: np.ndarray,
+        batch_size: int,
+        indices: list[int],
+        views: int = 1,
+        view_seed: int | None = None,
+    ) -> None:
         self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
         self.batch_size, self.indices = batch_size, torch.tensor(indices, dtype=torch.long)
+        self.multi_view = views > 1  # x is [N, views, ...] float16 (see extract_features)
+        drawn = np.random.default_rng(view_seed).integers(0, views, len(y)) if view_seed is not None else None
+        self.views = torch.from_numpy(drawn if drawn is not None else np.zeros(len(y), np.int64))
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
@@ -152,4 +191,5 @@ class FeatureLoader:
     def __iter__(self):
         for s in range(0, len(self.indices), self.batch_size):
             ix = self.indices[s : s + self.batch_size]
-            yield self.x[ix], self.y[ix], 0
+            x = self.x[ix, self.views[ix]].float() if self.multi_view else self.x[ix]
+            yield x, self.y[ix], 0

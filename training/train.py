@@ -21,6 +21,7 @@ from core.checkpoint import Checkpoint, safe_torch_load, save_checkpoint
 from core.errors import UserError, run_cli
 from core.models import ModelEntry, arch_kwargs_for_spec, create_model, get_entry
 from core.models.classifier import init_weights
+from core.models.efficientnet_lite import Prefix, Suffix, freeze_prefix
 from core.preprocess import decode_size
 from core.spec import ModelSpec
 from core.transforms import eval_transform, train_transform
@@ -60,6 +61,8 @@ RESUME_LOCKED = (
     "color",
     "val_split",
     "augment",
+    "trainable_from",
+    "views",
 )
 
 
@@ -89,6 +92,40 @@ def build_spec(args: argparse.Namespace, source: DataSource, entry: ModelEntry, 
     )
 
 
+def train_views(args: argparse.Namespace, source: DataSource) -> int:
+    """Cached views per training image: --views, or 8 for a partial finetune on symmetric data (ELPV), else 1."""
+    if args.views != "auto":
+        return int(args.views)
+    return 8 if args.trainable_from is not None and source.symmetric else 1
+
+
+def check_partial(args: argparse.Namespace, entry: ModelEntry) -> None:
+    """--trainable-from and --views only where they mean something; each refusal says why."""
+    if args.views != "auto" and not (args.trainable_from is not None or args.mode == "transfer"):
+        raise UserError("--views applies to cached features: --mode transfer or --trainable-from; use --augment")
+    if args.views not in ("auto", "1") and args.augment != "none":
+        raise UserError("--views draws from cached features and --augment needs images: choose one of them")
+    if args.trainable_from is None:
+        return
+    if args.mode != "finetune":
+        raise UserError(f"--trainable-from is a partial finetune: use it with --mode finetune, not {args.mode}")
+    if entry.family != "efficientnet_lite":
+        raise UserError(f"--trainable-from splits EfficientNet-Lite backbones; {entry.name} is not one")
+    if args.augment != "none" or args.no_feature_cache:
+        raise UserError(
+            "--trainable-from trains on the cached output of the frozen blocks, which image augmentation cannot "
+            "reach: drop --augment/--no-feature-cache (--views 8 gives the label-preserving flips and rotations)"
+        )
+
+
+def check_cut(cut: int, num_blocks: int, taps: tuple[int, ...]) -> None:
+    if not 1 <= cut < num_blocks:
+        raise UserError(f"--trainable-from must be a block index from 1 to {num_blocks - 1} ({num_blocks} blocks)")
+    early = [t for t in taps if t < cut]
+    if early:
+        raise UserError(f"--taps {early} lie in the frozen blocks before --trainable-from {cut}")
+
+
 def resolve_weights(args: argparse.Namespace, entry: ModelEntry) -> str | None:
     if args.mode == "scratch":
         if args.weights:
@@ -116,8 +153,9 @@ def image_loader(split: Split, transform, args: argparse.Namespace, sampler, red
 
 
 class Batches:
-    """Where batches come from: cached backbone features (transfer) or images through a DataLoader.
-    Training loaders draw this rank's shard of the epoch's permutation; evaluation loaders a strided shard."""
+    """Where batches come from: cached features of the frozen part (transfer: the whole backbone; partial
+    finetune: its first blocks) or images through a DataLoader. Training loaders draw this rank's shard of the
+    epoch's permutation; evaluation loaders a strided shard."""
 
     def __init__(self, args, source: DataSource, spec: ModelSpec, model, weights, device, d: Dist) -> None:
         self.args, self.source, self.spec, self.model, self.weights, self.device, self.d = (
@@ -129,8 +167,14 @@ class Batches:
             device,
             d,
         )
-        self.use_features = args.mode == "transfer" and args.augment == "none" and not args.no_feature_cache
-        self.trainee = model.head if self.use_features else model
+        self.stop = args.trainable_from
+        transfer_cached = args.mode == "transfer" and args.augment == "none" and not args.no_feature_cache
+        self.use_features = transfer_cached or self.stop is not None
+        self.views = train_views(args, source)
+        if self.stop is not None:
+            self.frozen, self.trainee = Prefix(model.backbone, self.stop), Suffix(model.backbone, model.head, self.stop)
+        else:
+            self.frozen, self.trainee = model.backbone, model.head if self.use_features else model
         self._train_tf = train_transform(spec, args.augment)
         self._eval_tf = eval_transform(spec)
         self._features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
@@ -138,7 +182,7 @@ class Batches:
     def _cached(self, name: str, split: Split) -> tuple[np.ndarray, np.ndarray]:
         if name not in self._features:
             get = lambda: features.cached_features(  # noqa: E731
-                self.model.backbone,
+                self.frozen,
                 self.spec,
                 self.weights,
                 split,
@@ -146,6 +190,8 @@ class Batches:
                 ARTIFACTS / "cache" / "features",
                 self.device,
                 progress=not self.args.no_progress and self.d.main,
+                stop=self.stop,
+                views=self.views if name == "train" else 1,
             )
             if self.d.main:  # rank 0 fills the cache, the others read it
                 self._features[name] = get()
@@ -160,7 +206,9 @@ class Batches:
         n = len(y) if self.use_features else len(split)  # features: only the images that decoded
         ix = distributed.epoch_order(n, self.args.seed, epoch, self.d) if train else distributed.eval_indices(n, self.d)
         if self.use_features:
-            return features.FeatureLoader(x, y, self.args.batch_size, ix)
+            views = self.views if name == "train" else 1
+            seed = self.args.seed * 100_003 + epoch if train and views > 1 else None
+            return features.FeatureLoader(x, y, self.args.batch_size, ix, views, seed)
         if train:
             return image_loader(split, self._train_tf, self.args, ix)  # a list of indices serves as the sampler
         return image_loader(split, self._eval_tf, self.args, ix, decode_size(self.spec))
@@ -336,6 +384,7 @@ def train(args: argparse.Namespace, d: Dist, device: torch.device) -> int:
     resumed_run, state = check_resume(args, d.main)
     seed_everything(args.seed, args.deterministic)
     entry = get_entry(args.model)
+    check_partial(args, entry)
     weights = resolve_weights(args, entry)
     source = load_source(args.data, args.val_split, args.elpv_task, args.data_dir)
     health = data_check(args, d)
@@ -355,6 +404,9 @@ def train(args: argparse.Namespace, d: Dist, device: torch.device) -> int:
         raise UserError("--init only applies to --mode scratch (pretrained weights would be overwritten)")
     if args.mode == "transfer":
         model.freeze_backbone()
+    elif args.trainable_from is not None:
+        check_cut(args.trainable_from, len(model.backbone._blocks), tuple(spec.arch_kwargs.get("taps", ())))
+        model.keep_in_eval(freeze_prefix(model.backbone, args.trainable_from))
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)

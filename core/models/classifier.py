@@ -50,6 +50,7 @@ class ImageClassifier(nn.Module):
         self.head = head
         self.num_features = num_features
         self.backbone_frozen = False
+        self._eval_always: list[nn.Module] = []  # frozen parts: their BatchNorm statistics must not move
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
         return self.backbone(x)
@@ -61,10 +62,15 @@ class ImageClassifier(nn.Module):
         """Transfer learning: no gradients and frozen BatchNorm statistics in the backbone."""
         self.backbone_frozen = True
         self.backbone.requires_grad_(False)
-        self.backbone.eval()
+        self.keep_in_eval([self.backbone])
+
+    def keep_in_eval(self, modules: list[nn.Module]) -> None:
+        self._eval_always = list(modules)
+        for m in modules:
+            m.eval()
 
     def train(self, mode: bool = True) -> ImageClassifier:
         super().train(mode)
-        if self.backbone_frozen:
-            self.backbone.eval()
+        for m in self._eval_always:
+            m.eval()
         return self

@@ -122,12 +122,53 @@ class EfficientNetLite(nn.Module):
     def _pool(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [x.mean((2, 3)), x.amax((2, 3))] if self.pool == "meanmax" else [x.mean((2, 3))]
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
+    def prefix(self, x: torch.Tensor, stop: int) -> torch.Tensor:
+        """Image -> output of block `stop - 1`: the part a partial finetune freezes and caches."""
         x = F.relu6(self._bn0(self._conv_stem(x)))
-        pooled = []
-        for i, block in enumerate(self._blocks):
+        for block in self._blocks[:stop]:
             x = block(x)
+        return x
+
+    def forward(self, x: torch.Tensor, start: int = 0) -> torch.Tensor:
+        """Image -> pooled features; with start > 0, x is the output of block `start - 1` (see prefix)."""
+        if start == 0:
+            x = F.relu6(self._bn0(self._conv_stem(x)))
+        pooled = []
+        for i in range(start, len(self._blocks)):
+            x = self._blocks[i](x)
             if i in self.taps:
                 pooled += self._pool(x)
         pooled += self._pool(F.relu6(self._bn1(self._conv_head(x))))
         return torch.cat(pooled, 1) if len(pooled) > 1 else pooled[0]
+
+
+class Prefix(nn.Module):
+    """Stem and blocks[:stop] of a Lite backbone, frozen: computed once per image (and view) and cached."""
+
+    def __init__(self, backbone: EfficientNetLite, stop: int) -> None:
+        super().__init__()
+        self.backbone, self.stop = backbone, stop
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.backbone.prefix(x, self.stop)
+
+
+class Suffix(nn.Module):
+    """blocks[start:], the last conv, pooling and the classifier head: what a partial finetune trains.
+    Parameter names keep the `backbone.`/`head.` prefixes, so the optimizer's backbone learning-rate scale applies."""
+
+    def __init__(self, backbone: EfficientNetLite, head: nn.Module, start: int) -> None:
+        super().__init__()
+        self.backbone, self.head, self.start = backbone, head, start
+
+    def forward(self, h: torch.Tensor) -> torch.Tensor:
+        return self.head(self.backbone(h, self.start))
+
+
+def freeze_prefix(backbone: EfficientNetLite, stop: int) -> list[nn.Module]:
+    """No gradients for stem + blocks[:stop]; returns those modules (the caller keeps them in eval mode)."""
+    frozen = [backbone._conv_stem, backbone._bn0, *backbone._blocks[:stop]]
+    for m in frozen:
+        m.requires_grad_(False)
+        m.eval()
+    return frozen
