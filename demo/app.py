@@ -4,8 +4,9 @@
     python demo/app.py --model artifacts/runs/NAME --port 7860
     python demo/app.py --host 0.0.0.0 --max-file-mb 5 --queue-size 16
 
-Uploads are untrusted: Gradio hands over the file path without decoding it, and core.images decodes it
-with size/pixel caps checked first. Every event has an api_name (see README for a gradio_client example).
+Uploads are untrusted: the file widget hands over the raw bytes (the webcam/paste widget a temp-file path)
+without decoding them, and core.images decodes them with size/pixel caps checked first. Every event has an
+api_name (see README for a gradio_client example).
 """
 
 from __future__ import annotations
@@ -119,7 +120,7 @@ class Demo:
             p = preds.get(b)
             out += [
                 dict(p.top) if p else None,
-                (f"preprocess {pre_ms:.2f} ms · inference {p.inference_ms:.2f} ms" if p else "not exported")
+                (f"preprocess {pre_ms:.2f} ms · inference {p.inference_ms:.2f} ms" if p else not_served(m, b))
                 + (f" · ⚠️ {caveats[b]}" if p and b in caveats else ""),
             ]
         return out
@@ -146,11 +147,29 @@ class Demo:
             *(f"- ⚠️ {text}" for text in m.caveats.values()),
         ]
         if m.metrics.get("accuracy") is not None:
-            lines.append(f"- {m.metrics.get('eval_split', 'held-out')} accuracy: {100 * m.metrics['accuracy']:.2f} %")
+            bal = m.metrics.get("balanced_accuracy")
+            lines.append(
+                f"- {m.metrics.get('eval_split', 'held-out')} accuracy: {100 * m.metrics['accuracy']:.2f} %"
+                + (f", balanced {100 * bal:.2f} % (mean of per-class accuracies)" if bal is not None else "")
+            )
+            per_class = m.metrics.get("per_class_accuracy") or {}
+            if 1 < len(per_class) <= 20:
+                lines.append(
+                    "- per class: " + ", ".join(f"{c} {100 * v:.1f} %" for c, v in per_class.items() if v is not None)
+                )
+        if m.int8_refusal:
+            lines += [f"- ⚠️ {m.int8_refusal[0]}", "", m.int8_refusal[1]]
         report = m.export_dir / "report.md" if m.export_dir else None
         if report and report.is_file():
             lines += ["", report.read_text()]
         return "\n".join(lines)
+
+
+def not_served(m: ServedModel, backend: str) -> str:
+    """Why a Compare column is empty: the INT8 search refused (with its best figures), or never exported."""
+    if backend == "onnx_int8" and m.int8_refusal:
+        return m.int8_refusal[0] + " (table in the Model card tab)"
+    return "not exported"
 
 
 def agreement_badge(preds: list[Prediction], caveats: dict[str, str]) -> str:

@@ -58,6 +58,29 @@ class ServedModel:
         )
         return {"onnx_int8": f"onnx_int8 was written with --force outside its accuracy budget{figures}"}
 
+    @cached_property
+    def int8_refusal(self) -> tuple[str, str] | None:
+        """(one line, the search table) when the export refused INT8: the demo shows why the column is empty."""
+        if not self.export_dir or (self.export_dir / FILES["onnx_int8"]).is_file():
+            return None
+        try:
+            rep = json.loads((self.export_dir / "quantization.json").read_text())
+            table = (self.export_dir / "quantization.md").read_text()
+        except (OSError, ValueError):
+            return None
+        if rep.get("chosen"):
+            return None
+        rows = [r for r in rep.get("candidates", []) if "agreement" in r]
+        best = max(rows, key=lambda r: r["agreement"], default=None)
+        b = rep.get("budget", {})
+        line = "INT8 refused: no configuration stays inside the accuracy budget" + (
+            f" (best {best['config']}: {best['agreement']:.1f} % top-1 agreement, {best['drop']:+.1f} pt; "
+            f"budget >= {b.get('min_agreement', '?')} %, drop <= {b.get('max_drop', '?')} pt)"
+            if best
+            else ""
+        )
+        return line, table
+
     def path(self, backend: str) -> Path:
         if self.onnx_only:
             return self.onnx_only
@@ -151,7 +174,12 @@ def discover(root: Path, explicit: list[str] | None) -> dict[str, ServedModel]:
     for src in sources:
         m = served_from_path(src)
         found[m.name] = m
-    return found
+    if explicit:
+        return found
+    # the dropdown opens on the first entry: the newest run that has an export (it has every backend to compare),
+    # not a newer run that only PyTorch can serve
+    exported = [n for n, m in found.items() if m.export_dir]
+    return {n: found[n] for n in exported[:1] + [n for n in found if n not in exported[:1]]}
 
 
 def served_from_path(p: Path) -> ServedModel:

@@ -15,7 +15,7 @@ from core.images import ImageError
 from core.models import arch_kwargs_for_spec, create_model
 from core.preprocess import decode_size, preprocess
 from core.spec import ModelSpec
-from training.data import Split, load_item, load_source, stratified_split
+from training.data import Split, balanced_subset, load_item, load_source, stratified_split
 from training.runs import ARTIFACTS, RUNS
 
 IMAGENET_DIR = ARTIFACTS / "cache" / "imagenet-lite0"
@@ -98,18 +98,6 @@ def _load(split: Split, spec: ModelSpec, idx: list[int]) -> Images:
     return Images(np.stack(xs), np.asarray(ys, np.int64))
 
 
-def _balanced_subset(labels: list[int], n: int, seed: int = 0) -> list[int]:
-    """Up to n indices, round-robin over classes so every class is covered."""
-    rng = np.random.default_rng(seed)
-    by_class = [list(rng.permutation(np.flatnonzero(np.asarray(labels) == c))) for c in sorted(set(labels))]
-    out: list[int] = []
-    while len(out) < min(n, len(labels)):
-        for lst in by_class:
-            if lst and len(out) < n:
-                out.append(int(lst.pop()))
-    return sorted(out)
-
-
 def sample_images(spec: ModelSpec, n: int, seed: int) -> Images:
     """For the ImageNet model: random crops and flips of scikit-learn's sample photos (no labels).
     Calibration and held-out sets use different seeds, so they share no crop."""
@@ -167,7 +155,7 @@ def calibration_set(src, spec: ModelSpec, n: int, num_classes: int) -> Images:
     if missing:
         names = ", ".join(src.class_names[c] for c in missing)
         raise UserError(f"the training split has no images of class {names}: cannot calibrate INT8 on every class")
-    return _load(src.train, spec, _balanced_subset(src.train.labels, n))
+    return _load(src.train, spec, balanced_subset(src.train.labels, n))
 
 
 def data_for(ckpt: Checkpoint, calib_n: int, heldout_n: int) -> tuple[Images | None, Images, str]:

@@ -12,7 +12,6 @@ no INT8 model is written and the exit code is non-zero.
 from __future__ import annotations
 
 import argparse
-import inspect
 import os
 import tempfile
 import time
@@ -20,34 +19,12 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import numpy as np
-from onnxruntime.quantization import (
-    CalibrationDataReader,
-    CalibrationMethod,
-    QuantFormat,
-    QuantType,
-    quantize_static,
-)
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from core.errors import UserError, run_cli
+from core.quantization import QConfig, quantize_one
 from export.onnx_io import run_onnx
 from export.runtime import make_session
-
-
-@dataclass(frozen=True)
-class QConfig:
-    fmt: str = "QDQ"
-    activations: str = "U8"
-    per_channel: bool = True
-    calibration: str = "MinMax"
-    reduce_range: bool = False
-
-    @property
-    def name(self) -> str:
-        return f"{self.fmt}-{self.activations}S8-{'pc' if self.per_channel else 'pt'}-{self.calibration}" + (
-            "-rr" if self.reduce_range else ""
-        )
-
 
 # The fast search covers format, activation type, granularity and range with MinMax calibration. The histogram
 # calibrators (Percentile, Entropy) keep every activation of every calibration image: on a 300 px Lite0 with
@@ -72,46 +49,6 @@ class Budget:
     max_drop: float = 1.0  # top-1 points vs fp32
     min_agreement: float = 98.0  # % top-1 agreement with fp32
     max_class_drop: float = 5.0  # points, any single class
-
-
-class _Reader(CalibrationDataReader):
-    def __init__(self, x: np.ndarray, name: str, batch: int = 16) -> None:
-        self.batches = iter([{name: x[i : i + batch]} for i in range(0, len(x), batch)])
-
-    def get_next(self):
-        return next(self.batches, None)
-
-
-# Recent onnxruntime releases can reuse calibration ranges from a JSON cache. The ranges depend on the model, the
-# data and the calibration method only, so every candidate of one method shares a single calibration pass.
-_CACHE_OK = "calibration_cache_path" in inspect.signature(quantize_static).parameters
-
-
-def quantize_one(
-    src: Path,
-    out: Path,
-    calib: np.ndarray,
-    cfg: QConfig,
-    exclude: list[str] | None = None,
-    cache_dir: Path | None = None,
-) -> Path:
-    name = make_session(src).get_inputs()[0].name
-    cache = {"calibration_cache_path": cache_dir / f"ranges-{cfg.calibration}.json"} if cache_dir and _CACHE_OK else {}
-    quantize_static(
-        str(src),
-        str(out),
-        _Reader(calib, name),
-        quant_format=getattr(QuantFormat, cfg.fmt),
-        activation_type=QuantType.QUInt8 if cfg.activations == "U8" else QuantType.QInt8,
-        weight_type=QuantType.QInt8,
-        per_channel=cfg.per_channel,
-        reduce_range=cfg.reduce_range,
-        calibrate_method=getattr(CalibrationMethod, cfg.calibration),
-        nodes_to_exclude=exclude or [],
-        extra_options={"ActivationSymmetric": cfg.activations == "S8"},
-        **cache,
-    )
-    return out
 
 
 MIN_CLASS_SUPPORT = 10

@@ -21,11 +21,11 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from core.errors import run_cli
 from core.models import create_model, get_entry, list_models
+from core.quantization import QConfig, quantize_one
 from core.spec import ModelSpec
 from export.benchmark import device_line
 from export.common import sample_images
 from export.onnx_io import export_onnx
-from export.quantize import QConfig, quantize_one
 from export.runtime import make_session
 
 

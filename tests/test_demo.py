@@ -286,3 +286,19 @@ def test_demo_onnx_sessions_stop_spinning_after_each_run(exported_run):
     (clf_logits,) = runners._cache.values()
     opts = clf_logits.__self__.session.get_session_options()
     assert opts.get_session_config_entry("session.force_spinning_stop") == "1"
+
+
+def test_model_dropdown_opens_on_the_newest_exported_run(trained_run, tmp_path):
+    import shutil
+
+    from demo.backends import discover
+
+    for name, mtime in (("old", 1_000_000), ("new", 2_000_000)):
+        d = tmp_path / "runs" / name
+        d.mkdir(parents=True)
+        shutil.copy(trained_run / "best.pt", d / "best.pt")
+        os.utime(d / "best.pt", (mtime, mtime))
+    (tmp_path / "runs" / "old" / "export").mkdir()
+    assert list(discover(tmp_path, None)) == ["old", "new"]  # the newer run has only its PyTorch backend
+    shutil.rmtree(tmp_path / "runs" / "old" / "export")
+    assert list(discover(tmp_path, None)) == ["new", "old"]  # nothing exported: newest first, as before

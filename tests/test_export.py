@@ -49,6 +49,8 @@ def test_one_shot_export_validates_every_artifact(exported_run):
         assert row["accuracy"] == acc[row["format"]]  # the benchmark reports what validation measured
         assert row["img_per_s"] > 0 and row["img_per_s_from"] in ("validation", "benchmark")
         assert row["p50_ms"] > 0 and row["peak_mem_growth_mb"] >= 0
+    table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("|")]
+    assert len({line.count("|") for line in table}) == 1, table  # no cell text breaks the table
 
 
 def test_spec_survives_onnx_and_torchscript(run_dir):
@@ -102,9 +104,10 @@ def test_dynamic_batch_survives_simplification(tmp_path, name):
         assert np.abs(got - ref[:b]).max() <= 1e-4
 
 
-def test_int8_refused_when_no_candidate_fits_names_the_next_step(run_dir, monkeypatch, capsys):
+def test_int8_refused_when_no_candidate_fits_names_the_next_step(exported_run, monkeypatch, capsys):
     from export import quantize
 
+    run_dir = exported_run  # its export/ holds a fitting INT8 model, the contrast below
     monkeypatch.chdir(run_dir.parent.parent.parent)
     monkeypatch.setattr(quantize, "fits", lambda stats, budget: False)  # a model no configuration can keep
     out = run_dir.parent / "refused"
@@ -117,6 +120,20 @@ def test_int8_refused_when_no_candidate_fits_names_the_next_step(run_dir, monkey
     q = json.loads((out / "quantization.json").read_text())
     retried = [r for r in q["candidates"] if r["config"].endswith("+fp32-lead")]
     assert retried and all(r["excluded"] for r in retried)  # the retry kept the leading layers in fp32
+
+    # the demo shows the refusal and its figures instead of a bare "not exported"
+    from demo.app import not_served
+    from demo.backends import ServedModel
+
+    served = ServedModel("refused", run_dir / "best.pt", out, OnnxClassifier(out / "model.onnx").spec)
+    line, table = served.int8_refusal
+    best = max(r["agreement"] for r in q["candidates"] if "agreement" in r)
+    assert line.startswith("INT8 refused") and f"{best:.1f} % top-1 agreement" in line and "budget >= 98.0 %" in line
+    assert table == (out / "quantization.md").read_text() and "+fp32-lead" in table
+    assert not_served(served, "onnx_int8").startswith("INT8 refused") and not_served(served, "torchscript") == (
+        "not exported"
+    )
+    assert ServedModel("ok", run_dir / "best.pt", run_dir / "export", served.spec).int8_refusal is None
 
 
 @pytest.mark.parametrize(

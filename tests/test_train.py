@@ -350,6 +350,8 @@ def test_symmetric_views_are_the_eight_symmetries_of_a_square():
 
 
 def test_feature_cache_key_changes_with_every_option_that_changes_the_arrays(tiny_folder):
+    from dataclasses import replace
+
     from core.spec import ModelSpec
     from training.data import load_source
     from training.features import cache_key
@@ -361,41 +363,9 @@ def test_feature_cache_key_changes_with_every_option_that_changes_the_arrays(tin
     assert cache_key(spec, "imagenet", split, views=8) != base
     assert cache_key(spec, "imagenet", split, stop=12) != base != cache_key(spec, "imagenet", split, stop=13)
     assert cache_key(spec, None, split) != base
-    head_only = ModelSpec(
-        *[
-            getattr(spec, f)
-            for f in (
-                "arch",
-                "class_names",
-                "image_size",
-                "resize_size",
-                "crop",
-                "interpolation",
-                "mean",
-                "std",
-                "color",
-            )
-        ],
-        {**kw, "head": "mlp", "hidden": 64},
-    )
+    head_only = replace(spec, arch_kwargs={**kw, "head": "mlp", "hidden": 64})
     assert cache_key(head_only, "imagenet", split) == base  # the head is not in the cached part
-    pooled = ModelSpec(
-        *[
-            getattr(spec, f)
-            for f in (
-                "arch",
-                "class_names",
-                "image_size",
-                "resize_size",
-                "crop",
-                "interpolation",
-                "mean",
-                "std",
-                "color",
-            )
-        ],
-        {**kw, "pool": "meanmax"},
-    )
+    pooled = replace(spec, arch_kwargs={**kw, "pool": "meanmax"})
     assert cache_key(pooled, "imagenet", split) != base  # transfer caches pooled features
     assert cache_key(pooled, "imagenet", split, stop=12) == cache_key(spec, "imagenet", split, stop=12)
 
@@ -439,3 +409,43 @@ def test_partial_finetune_options_are_refused_where_they_do_not_apply(workdir, t
     assert run_train("--data", str(tiny_folder), "--epochs", "1", *argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
+
+
+def test_int8_aware_partial_finetune_draws_half_its_samples_from_the_int8_prefix(workdir, tiny_folder):
+    import numpy as np
+
+    from training.features import FeatureLoader
+
+    argv = ["--data", str(tiny_folder), "--mode", "finetune", "--model", "efficientnet_lite0", "--epochs", "1"]
+    assert run_train(*argv, "--trainable-from", "12", "--views", "2", "--int8-aware", "--name", "q") == 0
+    cache = workdir / "artifacts/cache/features"
+    (int8,) = cache.glob("*train-upto12-2views-int8-*.npz")
+    (fp32,) = [p for p in cache.glob("*train-upto12-2views-*.npz") if "int8" not in p.name]
+    a, b = np.load(fp32)["x"].astype(np.float32), np.load(int8)["x"].astype(np.float32)
+    assert a.shape == b.shape and 0 < np.abs(a - b).mean() < 0.5 * np.abs(a).mean()  # INT8 numbers, same features
+    n = 400
+    x = np.stack([np.full((n, 3), 1, np.float16), np.full((n, 3), 2, np.float16)], 1)  # view k holds k + 1
+    loader = FeatureLoader(x, np.zeros(n, np.int64), 64, list(range(n)), 2, 7, alt=-x)  # the "INT8" copy is negative
+    seen = torch.cat([xb for xb, _, _ in loader])[:, 0]
+    assert set(seen.tolist()) == {1.0, 2.0, -1.0, -2.0}  # both views, from both sources
+    assert 0.4 < (seen < 0).float().mean() < 0.6
+    again = torch.cat([xb for xb, _, _ in FeatureLoader(x, np.zeros(n, np.int64), 64, list(range(n)), 2, 7, alt=-x)])
+    assert torch.equal(again[:, 0], seen)  # seeded: a resumed epoch draws the same samples
+
+
+def test_int8_aware_needs_a_partial_finetune(workdir, tiny_folder, capsys):
+    assert (
+        run_train(
+            "--data",
+            str(tiny_folder),
+            "--mode",
+            "transfer",
+            "--model",
+            "efficientnet_lite0",
+            "--int8-aware",
+            "--epochs",
+            "1",
+        )
+        == 2
+    )
+    assert "--int8-aware trains on the INT8 output of frozen blocks" in capsys.readouterr().err

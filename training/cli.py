@@ -88,6 +88,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="finetune, EfficientNet-Lite: freeze the blocks before this one, cache their output once per image "
         "and view, train the rest (a partial finetune: much cheaper epochs on a CPU)",
     )
+    g.add_argument(
+        "--int8-aware",
+        action="store_true",
+        help="partial finetune: half of the samples come from the export's INT8 run of the frozen blocks, so the "
+        "trained blocks learn to decide the same way on INT8 numbers",
+    )
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine")
     g.add_argument("--warmup-epochs", type=float, default=1.0)

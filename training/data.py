@@ -165,6 +165,18 @@ def folder_source(root: Path, val_split: float) -> DataSource:
     return DataSource(root.name, classes, train, val, None, skipped=sk)
 
 
+def balanced_subset(labels: list[int], n: int, seed: int = 0) -> list[int]:
+    """Up to n indices, round-robin over classes so every class is covered (INT8 calibration sets)."""
+    rng = np.random.default_rng(seed)
+    by_class = [list(rng.permutation(np.flatnonzero(np.asarray(labels) == c))) for c in sorted(set(labels))]
+    out: list[int] = []
+    while len(out) < min(n, len(labels)):
+        for lst in by_class:
+            if lst and len(out) < n:
+                out.append(int(lst.pop()))
+    return sorted(out)
+
+
 ELPV_LEVELS = {0.0: "p0.00", 1 / 3: "p0.33", 2 / 3: "p0.67", 1.0: "p1.00"}
 
 

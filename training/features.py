@@ -25,6 +25,7 @@ from torch import nn
 from core.images import ImageError
 from core.onnx_export import torch_to_onnx
 from core.preprocess import decode_size, preprocess
+from core.quantization import QConfig, quantize_one
 from core.spec import ModelSpec
 from training.data import Split, load_item
 from training.engine import progress_bar
@@ -83,12 +84,23 @@ def _batches(split: Split, spec: ModelSpec, batch_size: int) -> Iterator[tuple[n
             yield np.stack(arrays), keep
 
 
-def _ort_runner(backbone: nn.Module, spec: ModelSpec, tmp: Path):
+# What --int8-aware trains against: the export's fastest U8S8 candidate on AVX2 CPUs (reduce-range avoids the int16
+# saturation of u8 x s8 pair sums there) with its MinMax ranges on the export's default 256 calibration images.
+INT8_AWARE_CONFIG = QConfig(reduce_range=True)
+INT8_AWARE_CALIB = 256
+
+
+def _ort_runner(backbone: nn.Module, spec: ModelSpec, tmp: Path, int8_calib: np.ndarray | None = None):
     import onnxruntime as ort
 
     path = tmp / "backbone.onnx"
     x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
     torch_to_onnx(backbone, x, path, {0: "batch"}, 17, dynamo=False, output_name="features")
+    if int8_calib is not None:  # the same ONNX Runtime INT8 numbers the export's candidate will compute
+        from onnxruntime.quantization.shape_inference import quant_pre_process
+
+        quant_pre_process(str(path), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
+        path = quantize_one(tmp / "pre.onnx", tmp / "int8.onnx", int8_calib, INT8_AWARE_CONFIG)
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
@@ -112,13 +124,17 @@ def extract_features(
     desc: str = "features",
     progress: bool = True,
     views: int = 1,
+    int8_calib: np.ndarray | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
-    """(features [N, ...] for one view, [N, views, ...] for several; labels [N]) of the images that decode."""
+    """(features [N, ...] for one view, [N, views, ...] for several; labels [N]) of the images that decode.
+    With int8_calib, the frozen part runs as the export's INT8 model calibrated on those images."""
     frozen = frozen.eval()
     feats, labels = [], []
     with tempfile.TemporaryDirectory() as tmp:
         run = None
-        if device.type == "cpu":
+        if int8_calib is not None:
+            run = _ort_runner(frozen, spec, Path(tmp), int8_calib)  # no PyTorch fallback: it has no such INT8
+        elif device.type == "cpu":
             try:
                 run = _ort_runner(frozen, spec, Path(tmp))
             except Exception as e:
@@ -150,13 +166,24 @@ def cached_features(
     progress: bool = True,
     stop: int | None = None,
     views: int = 1,
+    int8_calib: Split | None = None,
 ) -> tuple[np.ndarray, np.ndarray]:
     tag = f"{spec.arch}-{name}" + (f"-upto{stop}" if stop is not None else "") + (f"-{views}views" if views > 1 else "")
-    path = cache_dir / f"{tag}-{cache_key(spec, weights, split, stop, views)}.npz"
+    key = cache_key(spec, weights, split, stop, views)
+    calib = None
+    if int8_calib is not None:  # the INT8 numbers depend on the calibration images and the scheme too
+        tag += "-int8"
+        key = hashlib.sha256((key + cache_key(spec, weights, int8_calib) + INT8_AWARE_CONFIG.name).encode())
+        key = key.hexdigest()[:24]
+    path = cache_dir / f"{tag}-{key}.npz"
     if path.is_file():
         with np.load(path) as z:
             return z["x"], z["y"]
-    x, y = extract_features(frozen, spec, split, device, desc=f"features[{name}]", progress=progress, views=views)
+    if int8_calib is not None:
+        calib = np.concatenate([x for x, _ in _batches(int8_calib, spec, 32)])
+    x, y = extract_features(
+        frozen, spec, split, device, desc=f"features[{name}]", progress=progress, views=views, int8_calib=calib
+    )
     cache_dir.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(f".tmp-{os.getpid()}.npz")
     np.savez(tmp, x=x, y=y)
@@ -178,12 +205,17 @@ class FeatureLoader:
         indices: list[int],
         views: int = 1,
         view_seed: int | None = None,
+        alt: np.ndarray | None = None,
     ) -> None:
         self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
         self.batch_size, self.indices = batch_size, torch.tensor(indices, dtype=torch.long)
         self.multi_view = views > 1  # x is [N, views, ...] float16 (see extract_features)
-        drawn = np.random.default_rng(view_seed).integers(0, views, len(y)) if view_seed is not None else None
+        rng = np.random.default_rng(view_seed)
+        drawn = rng.integers(0, views, len(y)) if view_seed is not None else None
         self.views = torch.from_numpy(drawn if drawn is not None else np.zeros(len(y), np.int64))
+        # --int8-aware: each image comes from the INT8 run of the frozen part in half of the epochs (seeded)
+        self.alt = torch.from_numpy(alt) if alt is not None else None
+        self.use_alt = torch.from_numpy(rng.random(len(y)) < 0.5) if alt is not None else None
 
     def __len__(self) -> int:
         return -(-len(self.indices) // self.batch_size)
@@ -191,5 +223,10 @@ class FeatureLoader:
     def __iter__(self):
         for s in range(0, len(self.indices), self.batch_size):
             ix = self.indices[s : s + self.batch_size]
-            x = self.x[ix, self.views[ix]].float() if self.multi_view else self.x[ix]
+            x = self._take(self.x, ix)
+            if self.alt is not None:
+                x = torch.where(self.use_alt[ix].view(-1, *[1] * (x.ndim - 1)), self._take(self.alt, ix), x)
             yield x, self.y[ix], 0
+
+    def _take(self, x: torch.Tensor, ix: torch.Tensor) -> torch.Tensor:
+        return x[ix, self.views[ix]].float() if self.multi_view else x[ix]

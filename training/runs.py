@@ -23,7 +23,9 @@ def new_run_dir(name: str | None, mode: str, model: str, data: str, resume: bool
     try:
         run.mkdir(parents=True, exist_ok=True)
     except OSError as e:
-        raise UserError(f"cannot create {run} ({e.strerror}); choose a writable --out") from None
+        raise UserError(
+            f"cannot create {run} ({e.strerror}); run where artifacts/ is writable or point CLS_ARTIFACTS elsewhere"
+        ) from None
     return run
 
 

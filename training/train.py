@@ -3,7 +3,8 @@
 python training/train.py --mode transfer            # default: ELPV solar cells, EfficientNet-Lite0
 python training/train.py --data path/to/folder --model resnet18 --mode finetune --weights DEFAULT
 python training/train.py --data digits --model cnn_small --mode scratch --epochs 5
-python training/train.py --resume                   # continue artifacts/runs/latest
+python training/train.py --resume                   # continue the run whose resume.pt was written last
+python training/train.py --mode finetune --trainable-from 11 --epochs 16   # partial finetune (CPU recipe)
 """
 
 from __future__ import annotations
@@ -27,7 +28,7 @@ from core.spec import ModelSpec
 from core.transforms import eval_transform, train_transform
 from training import check_data, distributed, features
 from training.cli import parse_args
-from training.data import DataSource, ImageDataset, Split, collate_skip, load_source
+from training.data import DataSource, ImageDataset, Split, balanced_subset, collate_skip, load_source
 from training.distributed import Dist
 from training.engine import (
     classification_metrics,
@@ -63,6 +64,7 @@ RESUME_LOCKED = (
     "augment",
     "trainable_from",
     "views",
+    "int8_aware",
 )
 
 
@@ -105,6 +107,8 @@ def check_partial(args: argparse.Namespace, entry: ModelEntry) -> None:
         raise UserError("--views applies to cached features: --mode transfer or --trainable-from; use --augment")
     if args.views not in ("auto", "1") and args.augment != "none":
         raise UserError("--views draws from cached features and --augment needs images: choose one of them")
+    if args.int8_aware and args.trainable_from is None:
+        raise UserError("--int8-aware trains on the INT8 output of frozen blocks: it needs --trainable-from")
     if args.trainable_from is None:
         return
     if args.mode != "finetune":
@@ -179,8 +183,16 @@ class Batches:
         self._eval_tf = eval_transform(spec)
         self._features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _cached(self, name: str, split: Split) -> tuple[np.ndarray, np.ndarray]:
-        if name not in self._features:
+    def _cached_int8(self, split: Split) -> np.ndarray:
+        """The training views through the export's INT8 model of the frozen blocks, calibrated on the images the
+        export calibrates on (training split, class-balanced subset)."""
+        calib = balanced_subset(self.source.train.labels, features.INT8_AWARE_CALIB)
+        subset = Split([self.source.train.items[i] for i in calib], [self.source.train.labels[i] for i in calib])
+        return self._cached("train", split, subset)[0]
+
+    def _cached(self, name: str, split: Split, int8_calib: Split | None = None) -> tuple[np.ndarray, np.ndarray]:
+        name_key = name + ("-int8" if int8_calib is not None else "")
+        if name_key not in self._features:
             get = lambda: features.cached_features(  # noqa: E731
                 self.frozen,
                 self.spec,
@@ -192,13 +204,14 @@ class Batches:
                 progress=not self.args.no_progress and self.d.main,
                 stop=self.stop,
                 views=self.views if name == "train" else 1,
+                int8_calib=int8_calib,
             )
             if self.d.main:  # rank 0 fills the cache, the others read it
-                self._features[name] = get()
+                self._features[name_key] = get()
             distributed.barrier(self.d)
             if not self.d.main:
-                self._features[name] = get()
-        return self._features[name]
+                self._features[name_key] = get()
+        return self._features[name_key]
 
     def loader(self, name: str, split: Split, train: bool, epoch: int = 0):
         """This rank's batches: a shard of the epoch's permutation (train) or a strided shard (eval)."""
@@ -207,8 +220,9 @@ class Batches:
         ix = distributed.epoch_order(n, self.args.seed, epoch, self.d) if train else distributed.eval_indices(n, self.d)
         if self.use_features:
             views = self.views if name == "train" else 1
-            seed = self.args.seed * 100_003 + epoch if train and views > 1 else None
-            return features.FeatureLoader(x, y, self.args.batch_size, ix, views, seed)
+            alt = self._cached_int8(split) if train and self.args.int8_aware else None
+            seed = self.args.seed * 100_003 + epoch if train and (views > 1 or alt is not None) else None
+            return features.FeatureLoader(x, y, self.args.batch_size, ix, views, seed, alt)
         if train:
             return image_loader(split, self._train_tf, self.args, ix)  # a list of indices serves as the sampler
         return image_loader(split, self._eval_tf, self.args, ix, decode_size(self.spec))
