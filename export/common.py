@@ -144,24 +144,30 @@ def _stratified(split: Split, n: int, what: str) -> list[int]:
     return idx
 
 
-def calibration_set(src, spec: ModelSpec, n: int, num_classes: int) -> Images:
+def _calibration(src, spec: ModelSpec, n: int) -> Images:
     """n training images, every class represented (a class missing from calibration gets ranges it never saw)."""
-    if n < num_classes:
+    if n < spec.num_classes:
         raise UserError(
-            f"--calib-images {n} is below the {num_classes} classes: calibration needs every class; "
-            f"pass at least {num_classes} (256 recommended)"
+            f"--calib-images {n} is below the {spec.num_classes} classes: calibration needs every class; "
+            f"pass at least {spec.num_classes} (256 recommended)"
         )
-    missing = sorted(set(range(num_classes)) - set(src.train.labels))
+    missing = sorted(set(range(spec.num_classes)) - set(src.train.labels))
     if missing:
         names = ", ".join(src.class_names[c] for c in missing)
         raise UserError(f"the training split has no images of class {names}: cannot calibrate INT8 on every class")
     return _load(src.train, spec, balanced_subset(src.train.labels, n))
 
 
+def calibration_for(ckpt: Checkpoint, n: int) -> Images:
+    """Calibration images alone (export/quantize.py): the held-out split is not read."""
+    if ckpt.args.get("data") == "imagenet-samples":
+        return sample_images(ckpt.spec, n, seed=1)
+    return _calibration(_source(ckpt), ckpt.spec, n)
+
+
 def data_for(ckpt: Checkpoint, calib_n: int, heldout_n: int) -> tuple[Images | None, Images, str]:
     """(calibration images from train, held-out images from test/val, description)."""
-    a = ckpt.args
-    if a.get("data") == "imagenet-samples":
+    if ckpt.args.get("data") == "imagenet-samples":
         return (
             sample_images(ckpt.spec, calib_n, seed=1) if calib_n > 0 else None,
             sample_images(ckpt.spec, heldout_n if heldout_n > 0 else 256, seed=2),
@@ -170,9 +176,8 @@ def data_for(ckpt: Checkpoint, calib_n: int, heldout_n: int) -> tuple[Images | N
     src = _source(ckpt)
     name, held = src.eval_split
     held_idx = _stratified(held, heldout_n, "--max-images")
-    calib = calibration_set(src, ckpt.spec, calib_n, ckpt.spec.num_classes) if calib_n > 0 else None
     return (
-        calib,
+        _calibration(src, ckpt.spec, calib_n) if calib_n > 0 else None,
         _load(held, ckpt.spec, held_idx),
         f"{src.name} {name} split ({len(held_idx)} of {len(held)} images)",
     )

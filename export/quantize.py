@@ -272,7 +272,7 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     from core.checkpoint import load_checkpoint
-    from export.common import data_for, selection_for
+    from export.common import calibration_for, selection_for
 
     args = get_args_parser().parse_args(argv)
     check_budget(args)
@@ -280,7 +280,7 @@ def main(argv: list[str] | None = None) -> int:
     if not src.is_file():
         raise UserError(f"{src} does not exist; export it first with export/to_onnx.py --no-int8")
     ck = load_checkpoint(args.checkpoint or src.parent.parent / "best.pt")
-    calib, _, _ = data_for(ck, args.calib_images, 0)
+    calib = calibration_for(ck, args.calib_images)  # training images only: the test split is not read
     select, desc = selection_for(ck, args.max_images)
     out = Path(args.out) if args.out else src.with_name(src.stem + ".int8.onnx")
     report = run_search(src, out, calib.x, select, args, desc)

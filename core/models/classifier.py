@@ -49,7 +49,6 @@ class ImageClassifier(nn.Module):
         self.backbone = backbone
         self.head = head
         self.num_features = num_features
-        self.backbone_frozen = False
         self._eval_always: list[nn.Module] = []  # frozen parts: their BatchNorm statistics must not move
 
     def forward_features(self, x: torch.Tensor) -> torch.Tensor:
@@ -60,7 +59,6 @@ class ImageClassifier(nn.Module):
 
     def freeze_backbone(self) -> None:
         """Transfer learning: no gradients and frozen BatchNorm statistics in the backbone."""
-        self.backbone_frozen = True
         self.backbone.requires_grad_(False)
         self.keep_in_eval([self.backbone])
 
