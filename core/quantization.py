@@ -8,6 +8,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization import (
     CalibrationDataReader,
     CalibrationMethod,
@@ -15,6 +16,8 @@ from onnxruntime.quantization import (
     QuantType,
     quantize_static,
 )
+
+from core.int8_correction import correct_bias, equalize, float_output, widen_depthwise
 
 
 @dataclass(frozen=True)
@@ -24,11 +27,14 @@ class QConfig:
     per_channel: bool = True
     calibration: str = "MinMax"
     reduce_range: bool = False
+    corrected: bool = False  # equalize, full-range depthwise weights, bias correction (core/int8_correction.py)
 
     @property
     def name(self) -> str:
-        return f"{self.fmt}-{self.activations}S8-{'pc' if self.per_channel else 'pt'}-{self.calibration}" + (
-            "-rr" if self.reduce_range else ""
+        return (
+            f"{self.fmt}-{self.activations}S8-{'pc' if self.per_channel else 'pt'}-{self.calibration}"
+            + ("-rr" if self.reduce_range else "")
+            + ("+corrected" if self.corrected else "")
         )
 
 
@@ -52,9 +58,43 @@ def quantize_one(
     cfg: QConfig,
     exclude: list[str] | None = None,
     cache_dir: Path | None = None,
+    threads: int = 2,
+) -> Path:
+    """Quantize `src` to `out` with one configuration; `corrected` wraps ORT's call in core/int8_correction.py's
+    steps (equalize the fp32 graph first, widen depthwise weights and correct biases after)."""
+    if not cfg.corrected:
+        return _quantize_static(src, out, calib, cfg, exclude, cache_dir)
+    fp = onnx.load(str(src))
+    eq = equalize(fp, calib, threads)
+    eq_path = out.with_name(out.stem + ".equalized.onnx")
+    onnx.save(eq, str(eq_path))
+    try:
+        _quantize_static(eq_path, out, calib, cfg, exclude, cache_dir, cache_tag="-equalized")
+    finally:
+        eq_path.unlink(missing_ok=True)
+    q = onnx.load(str(out))
+    float_output(q)
+    widen_depthwise(q, eq)
+    correct_bias(q, eq, calib, threads, reference=fp)
+    onnx.save(q, str(out))
+    return out
+
+
+def _quantize_static(
+    src: Path,
+    out: Path,
+    calib: np.ndarray,
+    cfg: QConfig,
+    exclude: list[str] | None,
+    cache_dir: Path | None,
+    cache_tag: str = "",
 ) -> Path:
     name = _input_name(src)
-    cache = {"calibration_cache_path": cache_dir / f"ranges-{cfg.calibration}.json"} if cache_dir and _CACHE_OK else {}
+    cache = (
+        {"calibration_cache_path": cache_dir / f"ranges-{cfg.calibration}{cache_tag}.json"}
+        if cache_dir and _CACHE_OK
+        else {}
+    )
     quantize_static(
         str(src),
         str(out),
@@ -73,6 +113,4 @@ def quantize_one(
 
 
 def _input_name(path: Path) -> str:
-    import onnx
-
     return onnx.load(str(path), load_external_data=False).graph.input[0].name

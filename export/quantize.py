@@ -3,10 +3,10 @@
     python export/quantize.py --onnx RUN/export/model.onnx [--search full] [--max-drop 1.0]
 
 A search over configurations (QDQ/QOperator, U8/S8 activations, per-channel, MinMax/Percentile/Entropy,
-reduce_range) measures each candidate's held-out accuracy, agreement with fp32 and throughput, and keeps
-the fastest one inside the budget. Candidates are chosen on validation images, never on the test split. If
-none fits, the leading high-resolution layers are kept in fp32 and the search retries; if still none fits,
-no INT8 model is written and the exit code is non-zero.
+reduce_range, and our corrections around ORT's quantizer: core/int8_correction.py) measures each candidate's
+held-out accuracy, agreement with fp32 and throughput, and keeps the fastest one inside the budget. Candidates
+are chosen on validation images, never on the test split. If none fits, the leading high-resolution layers are
+kept in fp32 and the search retries; if still none fits, no INT8 model is written and the exit code is non-zero.
 """
 
 from __future__ import annotations
@@ -26,18 +26,21 @@ from core.quantization import QConfig, quantize_one
 from export.onnx_io import run_onnx
 from export.runtime import make_session
 
-# The fast search covers format, activation type, granularity and range with MinMax calibration. The histogram
-# calibrators (Percentile, Entropy) keep every activation of every calibration image: on a 300 px Lite0 with
-# 256 images they exceeded 24 GB here, so they are only in the full search (fine for smaller inputs).
+# The fast search starts with the corrected candidate (core/int8_correction.py: equalization, 8-bit depthwise
+# weights, bias correction; the one that fits most often, measured on ELPV) and keeps ORT's plain settings, which are
+# the fastest where they fit (VNNI CPUs without the AVX2 int16 saturation). Symmetric S8 activations and per-tensor
+# weights lost on every model measured here, and the histogram calibrators (Percentile, Entropy) keep every
+# activation of every calibration image (on a 300 px Lite0 with 256 images they exceeded 24 GB): full search only.
 FAST_SEARCH = (
+    QConfig(reduce_range=True, corrected=True),
     QConfig(),
     QConfig(fmt="QOperator"),
-    QConfig(activations="S8"),
-    QConfig(per_channel=False),
     QConfig(reduce_range=True),
 )
 FULL_SEARCH = (
     *FAST_SEARCH,
+    QConfig(activations="S8"),
+    QConfig(per_channel=False),
     QConfig(calibration="Percentile"),
     QConfig(calibration="Entropy"),
     QConfig(fmt="QOperator", calibration="Percentile"),
@@ -150,7 +153,7 @@ def search(
                 label = cfg.name + ("+fp32-lead" if exclude else "")
                 cand = Path(d) / f"{cfg.name}-{attempt}.onnx"
                 try:
-                    quantize_one(pre, cand, calib, cfg, exclude, Path(d))
+                    quantize_one(pre, cand, calib, cfg, exclude, Path(d), threads)
                     stats = compare(ref, run_onnx(cand, held_x, threads), held_y)
                 except Exception as e:
                     rows.append({"config": label, "error": str(e).splitlines()[0][:100], "fits": False})
@@ -173,8 +176,8 @@ def search(
             best = max((r for r in rows if "error" not in r), key=lambda r: r["agreement"], default=None)
             cfg = next((c for c in configs if best and c.name == best["config"]), configs[0])
             exclude = leading_nodes(pre)
-            # formats and activation types behave alike under exclusion: retry the closest configuration and
-            # its QOperator/QDQ twin only, instead of the whole search again
+            # formats and activation types behave alike under exclusion: retry the closest configuration, and
+            # its QOperator/QDQ twin unless it is a corrected one (the corrections act on QDQ graphs only)
             twin = QConfig(
                 "QOperator" if cfg.fmt == "QDQ" else "QDQ",
                 cfg.activations,
@@ -182,10 +185,10 @@ def search(
                 cfg.calibration,
                 cfg.reduce_range,
             )
-            configs = (cfg, twin)
+            configs = (cfg,) if cfg.corrected else (cfg, twin)
             print(
-                f"no configuration fits the budget; retrying {cfg.name} and {twin.name} with the first "
-                f"{LEADING_FRACTION:.0%} of the convolutions in fp32 ({len(exclude)} nodes)"
+                f"no configuration fits the budget; retrying {' and '.join(c.name for c in configs)} with the "
+                f"first {LEADING_FRACTION:.0%} of the convolutions in fp32 ({len(exclude)} nodes)"
             )
         ok = [r for r in rows if r["fits"]]
         chosen = max(ok, key=lambda r: r["img_per_s"]) if ok else None

@@ -38,6 +38,8 @@ def test_one_shot_export_validates_every_artifact(exported_run):
     assert rep["passed"] and (out / "report.md").is_file() and (out / "benchmark.md").is_file()
     q = json.loads((out / "quantization.json").read_text())
     assert q["chosen"] and len(q["candidates"]) >= 4
+    first = q["candidates"][0]  # the corrected candidate is searched first, measured like the others
+    assert first["config"] == "QDQ-U8S8-pc-MinMax-rr+corrected" and "error" not in first and first["img_per_s"] > 0
     assert (out / "model.int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
     summary = json.loads((out / "export.json").read_text())
     stages = summary["stage_seconds"]

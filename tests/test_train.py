@@ -433,19 +433,29 @@ def test_int8_aware_partial_finetune_draws_half_its_samples_from_the_int8_prefix
     assert torch.equal(again[:, 0], seen)  # seeded: a resumed epoch draws the same samples
 
 
-def test_int8_aware_needs_a_partial_finetune(workdir, tiny_folder, capsys):
-    assert (
-        run_train(
-            "--data",
-            str(tiny_folder),
-            "--mode",
-            "transfer",
-            "--model",
-            "efficientnet_lite0",
-            "--int8-aware",
-            "--epochs",
-            "1",
-        )
-        == 2
-    )
-    assert "--int8-aware trains on the INT8 output of frozen blocks" in capsys.readouterr().err
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--mode", "transfer", "--no-feature-cache"],
+        ["--mode", "transfer", "--augment", "basic"],
+        ["--mode", "finetune"],
+    ],
+)
+def test_int8_aware_needs_cached_frozen_features(workdir, tiny_folder, capsys, argv):
+    base = ["--data", str(tiny_folder), "--model", "efficientnet_lite0", "--int8-aware", "--epochs", "1"]
+    assert run_train(*base, *argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--int8-aware trains on the cached INT8 output of the frozen part" in err[0]
+
+
+def test_int8_aware_transfer_trains_the_head_on_the_int8_backbone_too(workdir, tiny_folder):
+    import numpy as np
+
+    argv = ["--data", str(tiny_folder), "--mode", "transfer", "--model", "efficientnet_lite0", "--epochs", "1"]
+    assert run_train(*argv, "--int8-aware", "--name", "t") == 0
+    cache = workdir / "artifacts/cache/features"
+    (int8,) = cache.glob("*-train-int8-*.npz")
+    (fp32,) = [p for p in cache.glob("*-train-*.npz") if "int8" not in p.name]
+    a, b = np.load(fp32)["x"], np.load(int8)["x"]
+    assert a.shape == b.shape and 0 < np.abs(a - b).mean() < 0.5 * np.abs(a).mean()  # INT8 numbers, same features
+    assert json.loads((workdir / "artifacts/runs/t/meta.json").read_text())["args"]["int8_aware"] is True

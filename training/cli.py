@@ -91,8 +91,8 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--int8-aware",
         action="store_true",
-        help="partial finetune: half of the samples come from the export's INT8 run of the frozen blocks, so the "
-        "trained blocks learn to decide the same way on INT8 numbers",
+        help="transfer or partial finetune: half of the samples come from the export's INT8 run of the frozen "
+        "part (backbone or first blocks), so what is trained learns to decide the same way on INT8 numbers",
     )
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine")

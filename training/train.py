@@ -107,8 +107,12 @@ def check_partial(args: argparse.Namespace, entry: ModelEntry) -> None:
         raise UserError("--views applies to cached features: --mode transfer or --trainable-from; use --augment")
     if args.views not in ("auto", "1") and args.augment != "none":
         raise UserError("--views draws from cached features and --augment needs images: choose one of them")
-    if args.int8_aware and args.trainable_from is None:
-        raise UserError("--int8-aware trains on the INT8 output of frozen blocks: it needs --trainable-from")
+    cached = args.mode == "transfer" and args.augment == "none" and not args.no_feature_cache
+    if args.int8_aware and args.trainable_from is None and not cached:
+        raise UserError(
+            "--int8-aware trains on the cached INT8 output of the frozen part: use --mode transfer (without "
+            "--augment/--no-feature-cache) or --trainable-from"
+        )
     if args.trainable_from is None:
         return
     if args.mode != "finetune":
@@ -184,8 +188,9 @@ class Batches:
         self._features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
     def _cached_int8(self, split: Split) -> np.ndarray:
-        """The training views through the export's INT8 model of the frozen blocks, calibrated on the images the
-        export calibrates on (training split, class-balanced subset)."""
+        """The training views through the export's INT8 model of the frozen part (the backbone in transfer mode,
+        the first blocks in a partial finetune), calibrated on the images the export calibrates on (training
+        split, class-balanced subset)."""
         calib = balanced_subset(self.source.train.labels, features.INT8_AWARE_CALIB)
         subset = Split([self.source.train.items[i] for i in calib], [self.source.train.labels[i] for i in calib])
         return self._cached("train", split, subset)[0]

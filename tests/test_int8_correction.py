@@ -1,0 +1,158 @@
+"""core/int8_correction.py on a small MobileNet-like ONNX graph: equalization keeps the fp32 function, depthwise
+weights get 8 bits back, bias correction removes the mean output shift that weight rounding causes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+import onnx
+import pytest
+import torch
+from onnx import numpy_helper
+from torch import nn
+
+from core.int8_correction import (
+    MAX_SCALE,
+    _with_outputs,
+    correct_bias,
+    equalization_pairs,
+    equalize,
+    float_output,
+    widen_depthwise,
+)
+from core.quantization import QConfig, quantize_one
+
+
+class Tiny(nn.Module):
+    """stem conv -> ReLU6 -> depthwise -> ReLU6 -> pointwise -> ReLU -> pool -> linear, with channels of very
+    different ranges (the case equalization is for)."""
+
+    def __init__(self, act=nn.ReLU6) -> None:
+        super().__init__()
+        self.stem, self.a1 = nn.Conv2d(3, 8, 3, padding=1), act()
+        self.dw, self.a2 = nn.Conv2d(8, 8, 3, padding=1, groups=8), act()
+        self.pw, self.a3 = nn.Conv2d(8, 16, 1), nn.ReLU()
+        self.fc = nn.Linear(16, 4)
+        g = torch.Generator().manual_seed(0)
+        with torch.no_grad():
+            for m in (self.stem, self.dw, self.pw, self.fc):
+                m.weight.normal_(0, 0.5, generator=g)
+                m.bias.uniform_(0.0, 0.5, generator=g)
+            self.stem.weight[:4] *= 0.05  # four stem channels with a tiny range
+            self.dw.weight[:, :, 1, 1] += 3.0  # depthwise kernels with one dominant tap: rounding shifts means
+
+    def forward(self, x):
+        x = self.a3(self.pw(self.a2(self.dw(self.a1(self.stem(x))))))
+        return self.fc(x.mean((2, 3)))
+
+
+def _export(model: nn.Module, path: Path) -> Path:
+    torch.onnx.export(
+        model.eval(),
+        torch.zeros(1, 3, 16, 16),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes={"input": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    return path
+
+
+def _images(n: int, seed: int) -> np.ndarray:
+    """Near-uniform bright images (like solar-cell crops): a large mean, small variations."""
+    rng = np.random.default_rng(seed)
+    return (1.5 + 0.3 * rng.standard_normal((n, 3, 16, 16))).astype(np.float32)
+
+
+def _run(model: onnx.ModelProto, x: np.ndarray, names=("logits",)) -> list[np.ndarray]:
+    import onnxruntime as ort
+
+    sess = ort.InferenceSession(_with_outputs(model, names).SerializeToString(), providers=["CPUExecutionProvider"])
+    return sess.run(list(names), {"input": x})
+
+
+@pytest.fixture(scope="module")
+def tiny(tmp_path_factory) -> Path:
+    return _export(Tiny(), tmp_path_factory.mktemp("tiny") / "tiny.onnx")
+
+
+@pytest.mark.parametrize("act", [nn.ReLU6, nn.ReLU])
+def test_equalize_keeps_the_function_and_fills_the_range(tmp_path, act):
+    fp = onnx.load(str(_export(Tiny(act), tmp_path / "m.onnx")))
+    calib = _images(64, 0)
+    pairs = equalization_pairs(fp)
+    assert [(p.op_type, a.op_type, c.op_type) for p, a, c, _ in pairs] == [("Conv", pairs[0][1].op_type, "Conv")] * 2
+    eq = equalize(fp, calib)
+    (before,), (after,) = _run(fp, calib), _run(eq, calib)
+    np.testing.assert_allclose(after, before, rtol=1e-4, atol=1e-4)
+    stem_act = pairs[0][1].output[0]
+    (a0,), (a1,) = _run(fp, calib, [stem_act]), _run(eq, calib, [stem_act])
+    peak0, peak1 = a0.max(axis=(0, 2, 3)), a1.max(axis=(0, 2, 3))
+    # each small channel is scaled up to the range (6 for ReLU6, the widest channel for ReLU), by MAX_SCALE at most
+    target = 6.0 if act is nn.ReLU6 else peak0.max()
+    np.testing.assert_allclose(peak1[:4], np.minimum(MAX_SCALE * peak0[:4], target), rtol=1e-4)
+    assert peak1.max() <= target + 1e-4  # no calibration value is pushed past the clip
+    np.testing.assert_allclose(peak1[4:], np.maximum(peak0[4:], np.minimum(MAX_SCALE * peak0[4:], target)), rtol=1e-4)
+
+
+def test_widen_depthwise_uses_all_8_bits(tiny, tmp_path):
+    calib = _images(32, 1)
+    q_path = quantize_one(tiny, tmp_path / "q.onnx", calib, QConfig(reduce_range=True))
+    q, fp = onnx.load(str(q_path)), onnx.load(str(tiny))
+    init = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    dw_weights = [n for n in init if n.endswith("_quantized") and init[n].ndim == 4 and init[n].shape[1] == 1]
+    assert len(dw_weights) == 1 and np.abs(init[dw_weights[0]]).max() <= 64  # reduce-range: 7 bits
+    fp_w = next(numpy_helper.to_array(i) for i in fp.graph.initializer if i.name == "dw.weight")
+    scale_name = dw_weights[0].replace("_quantized", "_scale")
+
+    def weight_error() -> float:
+        got = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+        return float(np.abs(got[dw_weights[0]] * got[scale_name][:, None, None, None] - fp_w).max())
+
+    err_before = weight_error()
+    assert widen_depthwise(q, fp) == 1
+    w = numpy_helper.to_array(next(i for i in q.graph.initializer if i.name == dw_weights[0]))
+    assert (np.abs(w.reshape(len(w), -1)).max(1) == 127).all()
+    assert weight_error() < 0.6 * err_before  # one more bit: about half the rounding error
+    pw = [n for n in init if n.endswith("_quantized") and init[n].ndim == 4 and init[n].shape[1] > 1]
+    assert all(
+        np.abs(numpy_helper.to_array(next(i for i in q.graph.initializer if i.name == n))).max() <= 64 for n in pw
+    )
+    (ref,), (got,) = _run(fp, calib), _run(q, calib)  # the bias was requantized with the new scale
+    assert np.abs(got - ref).max() < 0.5 * np.abs(ref).max()
+
+
+def test_bias_correction_removes_the_mean_logit_shift(tiny, tmp_path):
+    calib, held = _images(64, 2), _images(64, 3)
+    fp = onnx.load(str(tiny))
+    (ref_c,), (ref_h,) = _run(fp, calib), _run(fp, held)
+    plain = onnx.load(str(quantize_one(tiny, tmp_path / "q.onnx", calib, QConfig(reduce_range=True))))
+    shift_before = np.abs((_run(plain, held)[0] - ref_h).mean(0)).max()
+    corrected = onnx.ModelProto()
+    corrected.CopyFrom(plain)
+    assert float_output(corrected)  # the logits leave the Gemm in float, so their mean shift can be removed
+    assert correct_bias(corrected, fp, calib) == 4  # stem, depthwise, pointwise, linear
+    assert np.abs((_run(corrected, calib)[0] - ref_c).mean(0)).max() < 0.05 * shift_before + 1e-3
+    assert np.abs((_run(corrected, held)[0] - ref_h).mean(0)).max() < 0.5 * shift_before  # held-out images too
+    from collections import Counter
+
+    removed = Counter(n.op_type for n in plain.graph.node) - Counter(n.op_type for n in corrected.graph.node)
+    assert removed == Counter({"QuantizeLinear": 1, "DequantizeLinear": 1})  # the output pair, nothing else
+
+
+def test_corrected_config_is_a_named_candidate_and_beats_plain(tiny, tmp_path):
+    calib, held = _images(64, 4), _images(128, 5)
+    (ref,) = _run(onnx.load(str(tiny)), held)
+    cfg = QConfig(reduce_range=True, corrected=True)
+    assert cfg.name == "QDQ-U8S8-pc-MinMax-rr+corrected" and QConfig().name == "QDQ-U8S8-pc-MinMax"
+    plain = quantize_one(tiny, tmp_path / "plain.onnx", calib, QConfig(reduce_range=True))
+    corr = quantize_one(tiny, tmp_path / "corr.onnx", calib, cfg)
+    assert not list(tmp_path.glob("*equalized*"))  # the intermediate fp32 graph is not left behind
+    last = {o: n for n in onnx.load(str(corr)).graph.node for o in n.output}["logits"]
+    assert last.op_type == "Gemm"  # logits in float: not rounded to 256 levels as in ORT's plain output
+    assert {o: n for n in onnx.load(str(plain)).graph.node for o in n.output}["logits"].op_type == "DequantizeLinear"
+    err = {p.stem: np.sqrt(((_run(onnx.load(str(p)), held)[0] - ref) ** 2).mean()) for p in (plain, corr)}
+    assert err["corr"] < 0.7 * err["plain"], err
