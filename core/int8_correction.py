@@ -236,6 +236,9 @@ def float_output(q: onnx.ModelProto) -> bool:
     last.output[0] = name
     q.graph.node.remove(dq)
     q.graph.node.remove(qn)
+    used = {i for n in q.graph.node for i in n.input}
+    for i in [i for i in q.graph.initializer if i.name in set(qn.input[1:]) | set(dq.input[1:]) and i.name not in used]:
+        q.graph.initializer.remove(i)  # the pair's scale and zero point (ORT warns about unused initializers)
     return True
 
 

@@ -39,6 +39,7 @@ FAST_SEARCH = (
 )
 FULL_SEARCH = (
     *FAST_SEARCH,
+    QConfig(corrected=True),  # 8-bit weights: where the CPU has VNNI (no int16 saturation) or on ARM
     QConfig(activations="S8"),
     QConfig(per_channel=False),
     QConfig(calibration="Percentile"),
