@@ -96,7 +96,11 @@ def test_api_predict_every_backend(client, server):
         assert all(r[1] in CLASSES and r[3] >= 0 and r[4] > 0 for r in rows)  # preprocess ms, inference ms
         fp32 = {r[0]: r[1] for r in rows}
         assert fp32["pytorch"] == fp32["onnx_fp32"] == fp32["torchscript"]
-        assert "agree" in badge or "disagree" in badge
+        tops = {r[0]: r[1] for r in rows}
+        if len(set(tops.values())) == 1:  # the badge states what the table shows
+            assert badge.startswith(f"✅ all backends agree on **{rows[0][1]}**")
+        else:
+            assert badge.startswith("⚠️ backends disagree: ") and all(f"{b} → {t}" in badge for b, t in tops.items())
 
 
 def malformed(tmp: Path) -> dict[str, Path]:

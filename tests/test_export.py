@@ -15,8 +15,9 @@ from export.validate import cycled_logits, throughput_from
 
 
 @pytest.fixture(scope="module")
-def run_dir(trained_run):
-    return trained_run
+def run_dir(exported_run):
+    """The trained run with its export/ written (several tests read those files), whatever order tests run in."""
+    return exported_run
 
 
 def one_shot(run_dir, *extra):
@@ -210,8 +211,9 @@ def test_force_writes_int8_outside_the_budget_loudly(run_dir, monkeypatch, capsy
     assert q["forced"] and q["chosen"]
     chosen = next(r for r in q["candidates"] if r["config"] == q["chosen"])
     faster = [r for r in q["candidates"] if r.get("img_per_s", 0) > q["fp32_img_per_s"]]
-    if faster:  # the forced pick is the closest candidate that is still faster than fp32
-        assert chosen in faster and chosen["agreement"] == max(r["agreement"] for r in faster)
+    # the forced pick is the closest candidate that is still faster than fp32, else the closest of all
+    pool = faster or [r for r in q["candidates"] if "error" not in r]
+    assert chosen in pool and chosen["agreement"] == max(r["agreement"] for r in pool)
     meta = {p.key: p.value for p in onnx.load(str(out / "model.int8.onnx")).metadata_props}
     assert json.loads(meta["forced"]) is True
     rows = {r["artifact"]: r for r in json.loads((out / "report.json").read_text())["artifacts"]}

@@ -16,8 +16,8 @@ def test_forward_backward_every_registered_model(name):
     assert out.shape == (2, 5)
     out.logsumexp(1).mean().backward()
     assert model.head.fc.weight.grad is not None
-    params = list(model.backbone.parameters())  # `linear` is Flatten + head: no backbone parameters
-    assert not params or any(p.grad is not None and p.grad.abs().sum() > 0 for p in params)
+    missing = [n for n, p in model.named_parameters() if p.requires_grad and p.grad is None]
+    assert not missing, missing  # every trainable parameter takes part in the loss
 
 
 @pytest.mark.parametrize("name", list_models())
@@ -128,6 +128,16 @@ def test_init_schemes_change_weights(scheme):
     init_weights(model, scheme)
     after = model.head.fc.weight.detach()
     assert not torch.equal(before, after) and float(after.abs().sum()) > 0
+    conv = max((m for m in model.modules() if isinstance(m, torch.nn.Conv2d)), key=lambda m: m.weight.numel())
+    w = conv.weight.detach()
+    fan_out, fan_in = w.shape[0] * w[0, 0].numel(), w.shape[1] * w[0, 0].numel()
+    if scheme == "xavier":  # uniform on +-sqrt(6 / (fan_in + fan_out))
+        bound = (6 / (fan_in + fan_out)) ** 0.5
+        assert float(w.abs().max()) <= bound and abs(float(w.std()) - bound / 3**0.5) < 0.03 * bound
+    else:  # normal with std sqrt(2 / fan_out): it has tails beyond the xavier bound
+        std = (2 / fan_out) ** 0.5
+        assert abs(float(w.std()) - std) < 0.03 * std and float(w.abs().max()) > 3 * std
+    assert float(conv.bias.abs().max()) == 0.0
 
 
 @pytest.mark.parametrize("name", list_models())

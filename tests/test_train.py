@@ -51,7 +51,11 @@ def test_each_mode_trains_and_writes_a_self_describing_run(workdir, tiny_folder,
     assert meta["spec"]["class_names"] == sorted(CLASSES) and meta["spec"]["arch"] == model
     assert meta["class_to_idx"] == {c: i for i, c in enumerate(sorted(CLASSES))}
     m = json.loads((run / "metrics.json").read_text())
-    assert m["eval_split"] == "val" and 0.0 <= m["accuracy"] <= 1.0 and m["params"] > 0
+    assert m["eval_split"] == "val" and m["params"] > 0
+    cm = m["confusion_matrix"]  # the figures are the confusion matrix's, row = true class
+    assert abs(m["accuracy"] - sum(cm[i][i] for i in range(len(cm))) / sum(map(sum, cm))) < 1e-9
+    per_class = [cm[i][i] / sum(cm[i]) for i in range(len(cm)) if sum(cm[i])]
+    assert abs(m["balanced_accuracy"] - sum(per_class) / len(per_class)) < 1e-9
     assert set(m["per_class_accuracy"]) == set(CLASSES)
     assert (workdir / "artifacts/runs/latest/best.pt").is_file()
     assert m["unreadable_files"] == 1  # notes.jpg is text: dropped at scan time
