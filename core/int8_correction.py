@@ -4,8 +4,8 @@ ORT's `quantize_static` rounds every weight and activation and stops there. On t
 transfer model that keeps only 74.7 % top-1 agreement with fp32 on this AVX2 CPU, and the error is not random:
 measured layer by layer, the mean of each convolution's output shifts (0.8 on a channel whose output is ~3 in
 the first depthwise convolution), because a cell image is nearly uniform, so each layer's inputs have a large
-mean and the rounding errors of a kernel's weights add up instead of cancelling. Three steps, each measured on
-that model (validation split, QDQ U8S8 per-channel reduce-range; README "INT8 methods"):
+mean and the rounding errors of a kernel's weights add up instead of cancelling. Four steps, each measured on
+that model (validation split, QDQ U8S8 per-channel reduce-range; README "INT8 corrections"):
 
 1. `equalize` (before quantizing, fp32 graph): channels that leave a ReLU/ReLU6 with a small range use a few of
    the tensor's 256 levels (late depthwise outputs: median channel spread < 1 step). Each such channel is scaled
@@ -19,8 +19,10 @@ that model (validation split, QDQ U8S8 per-channel reduce-range; README "INT8 me
    conv(W_q - W, mean input); that shift is subtracted from the layer's int32 bias (bias correction, Nagel et
    al. 2019, computed with the quantized model's own input means), and the output layer's remaining mean logit
    shift on the calibration images is removed the same way.
+4. `float_output` (after, before 3): ORT also rounds the logits to 256 levels; the output's Q/DQ pair is dropped.
 
-Each step only changes initializers; the graph ORT runs (and its speed) is the one `quantize_static` wrote.
+Steps 1-3 only change initializers and step 4 removes one Q/DQ pair of a few thousand multiply-adds, so the graph
+ORT runs (and its speed) is the one `quantize_static` wrote. Together: 74.7 % -> 96 % agreement on that model.
 """
 
 from __future__ import annotations
