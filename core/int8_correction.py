@@ -33,7 +33,6 @@ import numpy as np
 import onnx
 from onnx import numpy_helper
 
-RELU6_MAX = 6.0
 MAX_SCALE = 8.0  # largest equalization factor: beyond it the consumer's weights lose what the activation gains
 BATCH = 16
 
@@ -48,8 +47,7 @@ def _session(model: onnx.ModelProto, threads: int):
 
 
 def _with_outputs(model: onnx.ModelProto, names: Iterable[str]) -> onnx.ModelProto:
-    m = onnx.ModelProto()
-    m.CopyFrom(model)
+    m = _copy(model)
     have = {o.name for o in m.graph.output}
     for n in names:
         if n not in have:

@@ -101,14 +101,18 @@ def train_views(args: argparse.Namespace, source: DataSource) -> int:
     return 8 if args.trainable_from is not None and source.symmetric else 1
 
 
+def transfer_cached(args: argparse.Namespace) -> bool:
+    """Transfer runs train the head on cached backbone features unless images must go through it every epoch."""
+    return args.mode == "transfer" and args.augment == "none" and not args.no_feature_cache
+
+
 def check_partial(args: argparse.Namespace, entry: ModelEntry) -> None:
     """--trainable-from and --views only where they mean something; each refusal says why."""
     if args.views != "auto" and not (args.trainable_from is not None or args.mode == "transfer"):
         raise UserError("--views applies to cached features: --mode transfer or --trainable-from; use --augment")
     if args.views not in ("auto", "1") and args.augment != "none":
         raise UserError("--views draws from cached features and --augment needs images: choose one of them")
-    cached = args.mode == "transfer" and args.augment == "none" and not args.no_feature_cache
-    if args.int8_aware and args.trainable_from is None and not cached:
+    if args.int8_aware and args.trainable_from is None and not transfer_cached(args):
         raise UserError(
             "--int8-aware trains on the cached INT8 output of the frozen part: use --mode transfer (without "
             "--augment/--no-feature-cache) or --trainable-from"
@@ -176,8 +180,7 @@ class Batches:
             d,
         )
         self.stop = args.trainable_from
-        transfer_cached = args.mode == "transfer" and args.augment == "none" and not args.no_feature_cache
-        self.use_features = transfer_cached or self.stop is not None
+        self.use_features = transfer_cached(args) or self.stop is not None
         self.views = train_views(args, source)
         if self.stop is not None:
             self.frozen, self.trainee = Prefix(model.backbone, self.stop), Suffix(model.backbone, model.head, self.stop)
