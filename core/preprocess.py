@@ -66,12 +66,6 @@ def normalize(view: Image.Image, spec: ModelSpec) -> np.ndarray:
     return out
 
 
-def decode_size(spec: ModelSpec) -> tuple[int, int]:
-    """The smallest decode that loses nothing before this spec's resize (see core.images.load_image)."""
-    side = spec.image_size if spec.crop == "squash" else spec.resize_size
-    return side, side
-
-
 def preprocess(im: Image.Image, spec: ModelSpec) -> np.ndarray:
     """Decoded image -> float32 CHW array, normalised, ready to batch."""
     return normalize(model_view(im, spec), spec)

@@ -16,7 +16,7 @@ import numpy as np
 from core.checkpoint import load_checkpoint
 from core.errors import UserError
 from core.images import load_image
-from core.preprocess import decode_size, model_view, normalize
+from core.preprocess import model_view, normalize
 from core.spec import ModelSpec
 from export.runtime import OnnxClassifier, top_k
 
@@ -135,7 +135,7 @@ class Prediction:
 def prepare(source, spec: ModelSpec):
     """Decode once (defensively) and preprocess once: (network input [1,C,S,S], crop preview, ms)."""
     t = time.perf_counter()
-    im = load_image(source, reduce_to=decode_size(spec))
+    im = load_image(source)
     view = model_view(im, spec)
     x = normalize(view, spec)[None]  # the same view: resize once
     return x, view, 1e3 * (time.perf_counter() - t)

@@ -13,7 +13,7 @@ from core.checkpoint import Checkpoint, load_model, save_checkpoint
 from core.errors import UserError
 from core.images import ImageError
 from core.models import arch_kwargs_for_spec, create_model
-from core.preprocess import decode_size, preprocess
+from core.preprocess import preprocess
 from core.spec import ModelSpec
 from training.data import Split, balanced_subset, load_item, load_source, stratified_split
 from training.runs import ARTIFACTS, RUNS
@@ -89,7 +89,7 @@ def _load(split: Split, spec: ModelSpec, idx: list[int]) -> Images:
     xs, ys = [], []
     for i in idx:
         try:
-            xs.append(preprocess(load_item(split.items[i], decode_size(spec)), spec))
+            xs.append(preprocess(load_item(split.items[i]), spec))
             ys.append(split.labels[i])
         except ImageError:
             continue

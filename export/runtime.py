@@ -19,7 +19,7 @@ import numpy as np
 
 from core.errors import UserError
 from core.images import load_image
-from core.preprocess import decode_size, preprocess
+from core.preprocess import preprocess
 from core.spec import ModelSpec
 
 SPEC_KEY = "model_spec"
@@ -115,7 +115,7 @@ class OnnxClassifier:
         return self.session.run(None, {self.input_name: np.ascontiguousarray(batch, np.float32)})[0]
 
     def preprocess(self, image: Any) -> np.ndarray:
-        return preprocess(load_image(image, reduce_to=decode_size(self.spec)), self.spec)
+        return preprocess(load_image(image), self.spec)
 
     def classify(self, image: Any, topk: int = 5) -> list[tuple[str, float]]:
         return self.classify_timed(image, topk)[0]

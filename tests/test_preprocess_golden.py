@@ -42,32 +42,3 @@ def test_rgba_through_both_paths_is_identical():
     spec = SPECS["center-bilinear-rgb"]
     im = load_image(rgba)
     assert np.abs(preprocess(im, spec) - eval_transform(spec)(im).numpy()).max() <= 1 / (255 * min(spec.std))
-
-
-def _photo_jpeg(path, w, h):
-    yy, xx = np.mgrid[:h, :w]
-    a = np.stack([xx * 255 // w, yy * 255 // h, (xx // 7 + yy // 5) % 256], -1) + rng.normal(0, 10, (h, w, 3))
-    Image.fromarray(np.clip(a, 0, 255).astype(np.uint8)).save(path, "JPEG", quality=90)
-    return path
-
-
-@pytest.mark.parametrize(("w", "h", "spec_name"), [(1024, 1024, "squash-gray3"), (1600, 1200, "center-bicubic-rgb")])
-def test_large_jpeg_reduced_decode_is_shared_by_every_eval_path(tmp_path, w, h, spec_name):
-    """The demo/runtime decode big JPEGs at reduced scale; training's eval loader must see the same pixels."""
-    from core.images import load_image
-    from core.preprocess import decode_size
-    from export.runtime import OnnxClassifier
-    from training.data import ImageDataset, Split
-
-    spec = SPECS[spec_name]
-    path = _photo_jpeg(tmp_path / "big.jpg", w, h)
-    reduced = load_image(path, reduce_to=decode_size(spec))
-    assert reduced.width < w and min(reduced.size) >= decode_size(spec)[0]  # really reduced, never too small
-    runtime = OnnxClassifier.__new__(OnnxClassifier)  # preprocessing only: no session needed
-    runtime.spec = spec
-    ours = runtime.preprocess(str(path))
-    ref, _ = ImageDataset(Split([path], [0]), eval_transform(spec), decode_size(spec))[0]
-    step = 1 / (255 * min(spec.std))
-    assert np.abs(ours - ref.numpy()).max() <= step  # runtime == training eval path
-    full = eval_transform(spec)(load_image(path)).numpy()
-    assert np.abs(ours - full).mean() <= 2 * step  # and close to a full-size decode (< 2 levels on average)

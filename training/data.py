@@ -70,12 +70,12 @@ def stratified_split(
     return pick(a), pick(b)
 
 
-def load_item(item: Any, reduce_to: tuple[int, int] | None = None) -> Image.Image:
-    """A split item as an upright RGB/L image; `reduce_to`: see core.images.load_image (eval paths only)."""
+def load_item(item: Any) -> Image.Image:
+    """A split item as an upright RGB/L image, decoded at full size (the contract every consumer follows)."""
     if isinstance(item, tuple):  # (torchvision dataset, index)
         ds, i = item
         return load_image(ds[i][0])
-    return load_image(item, reduce_to=reduce_to)
+    return load_image(item)
 
 
 class ImageDataset(Dataset):
@@ -85,16 +85,15 @@ class ImageDataset(Dataset):
         self,
         split: Split,
         transform: Callable[[Image.Image], torch.Tensor],
-        reduce_to: tuple[int, int] | None = None,
     ) -> None:
-        self.split, self.transform, self.reduce_to = split, transform, reduce_to
+        self.split, self.transform = split, transform
 
     def __len__(self) -> int:
         return len(self.split)
 
     def __getitem__(self, i: int):
         try:
-            im = load_item(self.split.items[i], self.reduce_to)
+            im = load_item(self.split.items[i])
         except ImageError as e:
             warnings.warn(f"skipping unreadable image: {e}", stacklevel=1)
             return None

@@ -17,7 +17,6 @@ from torch.utils.data import DataLoader
 
 from core.checkpoint import load_model
 from core.errors import UserError, run_cli
-from core.preprocess import decode_size
 from core.transforms import eval_transform
 from training.data import ImageDataset, Split, collate_skip, load_item, load_source
 from training.engine import classification_metrics, predict
@@ -84,7 +83,7 @@ def main(argv: list[str] | None = None) -> int:
     names = list(ck.spec.class_names)
     split_name, split, dropped = pick_split(args, ck.args, names)
     loader = DataLoader(
-        ImageDataset(split, eval_transform(ck.spec), decode_size(ck.spec)),
+        ImageDataset(split, eval_transform(ck.spec)),
         batch_size=args.batch_size,
         num_workers=args.workers,
         collate_fn=collate_skip,

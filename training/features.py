@@ -24,7 +24,7 @@ from torch import nn
 
 from core.images import ImageError
 from core.onnx_export import torch_to_onnx
-from core.preprocess import decode_size, preprocess
+from core.preprocess import preprocess
 from core.quantization import QConfig, quantize_one
 from core.spec import ModelSpec
 from training.data import Split, load_item
@@ -41,7 +41,7 @@ def _item_key(item: object) -> str:
     return f"{type(ds).__name__}:{getattr(ds, 'root', '')}:{i}"
 
 
-CACHE_VERSION = 4  # bump when backbone code changes what features come out
+CACHE_VERSION = 5  # bump when decoding or backbone code changes what features come out (5: full-size JPEG decode)
 
 
 def cache_key(spec: ModelSpec, weights: str | None, split: Split, stop: int | None = None, views: int = 1) -> str:
@@ -76,7 +76,7 @@ def _batches(split: Split, spec: ModelSpec, batch_size: int) -> Iterator[tuple[n
         arrays, keep = [], []
         for i in range(start, min(start + batch_size, len(split))):
             try:
-                arrays.append(preprocess(load_item(split.items[i], decode_size(spec)), spec))
+                arrays.append(preprocess(load_item(split.items[i]), spec))
                 keep.append(i)
             except ImageError as e:
                 warnings.warn(f"skipping unreadable image: {e}", stacklevel=1)

@@ -16,7 +16,6 @@ import torch
 from core.checkpoint import load_model
 from core.errors import UserError, run_cli
 from core.images import ImageError, is_image_file, load_image
-from core.preprocess import decode_size
 from core.transforms import eval_transform
 from training.plots import image_grid
 from training.runs import resolve_checkpoint
@@ -59,7 +58,7 @@ def main(argv: list[str] | None = None) -> int:
     results, shown, captions, failed = [], [], [], 0
     for path in expand_inputs(args.images):
         try:
-            im = load_image(path, reduce_to=decode_size(ck.spec))
+            im = load_image(path)
         except ImageError as e:
             failed += 1
             print(f"{path}: error: {e}")

@@ -23,7 +23,6 @@ from core.errors import UserError, run_cli
 from core.models import ModelEntry, arch_kwargs_for_spec, create_model, get_entry
 from core.models.classifier import init_weights
 from core.models.efficientnet_lite import Prefix, Suffix, freeze_prefix
-from core.preprocess import decode_size
 from core.spec import ModelSpec
 from core.transforms import eval_transform, train_transform
 from training import check_data, distributed, features
@@ -151,9 +150,9 @@ def resolve_weights(args: argparse.Namespace, entry: ModelEntry) -> str | None:
     return weights
 
 
-def image_loader(split: Split, transform, args: argparse.Namespace, sampler, reduce_to=None) -> DataLoader:
+def image_loader(split: Split, transform, args: argparse.Namespace, sampler) -> DataLoader:
     return DataLoader(
-        ImageDataset(split, transform, reduce_to),
+        ImageDataset(split, transform),
         batch_size=args.batch_size,
         sampler=sampler,
         num_workers=args.workers,
@@ -233,7 +232,7 @@ class Batches:
             return features.FeatureLoader(x, y, self.args.batch_size, ix, views, seed, alt)
         if train:
             return image_loader(split, self._train_tf, self.args, ix)  # a list of indices serves as the sampler
-        return image_loader(split, self._eval_tf, self.args, ix, decode_size(self.spec))
+        return image_loader(split, self._eval_tf, self.args, ix)
 
     def predict(self, name: str, split: Split) -> tuple[np.ndarray, np.ndarray, int]:
         """Logits and labels of a whole split, computed in shards and gathered on every rank."""
