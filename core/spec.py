@@ -63,7 +63,14 @@ class ModelSpec:
 
     @property
     def in_channels(self) -> int:
+        """Channels of the network input."""
         return 1 if self.color == "gray" else 3
+
+    @property
+    def view_channels(self) -> int:
+        """Channels of the uint8 image before normalisation (model.uint8.onnx's input): gray3 is replicated to 3
+        channels only at normalisation."""
+        return 3 if self.color == "rgb" else 1
 
     def to_dict(self) -> dict[str, Any]:
         d = dataclasses.asdict(self)

@@ -35,8 +35,7 @@ from demo.backends import (
 )
 from demo.bench import benchmark_plot, benchmark_rows
 from demo.examples import example_files, imagenet_fallback
-
-ARTIFACTS = Path("artifacts")
+from training.runs import ARTIFACTS, RUNS
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -253,7 +252,7 @@ def build_ui(app: Demo, cache_seconds: int = 1800) -> gr.Blocks:
 def load_models(args: argparse.Namespace) -> dict[str, ServedModel]:
     models = discover(ARTIFACTS, args.model)
     if not models:
-        print("no trained models under artifacts/runs: serving the pretrained ImageNet EfficientNet-Lite0")
+        print(f"no trained models under {RUNS}: serving the pretrained ImageNet EfficientNet-Lite0")
         models = {m.name: m for m in [served_from_path(imagenet_fallback())]}
     return models
 

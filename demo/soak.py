@@ -13,43 +13,29 @@ requests get their queue-full answer when 2x the queue capacity hammers it. Exit
 from __future__ import annotations
 
 import argparse
-import os
 import random
 import signal
 import subprocess
-import sys
 import tempfile
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 import numpy as np
 
+from demo.launch import start_demo
 from demo.loadtest import make_jpeg, rss_mb, run_level
 from tools.malformed_corpus import build
 
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def start_server(model: str, port: int, queue: int, concurrency: int, cache_minutes: float, tmp: Path):
-    env = {**os.environ, "GRADIO_TEMP_DIR": str(tmp), "GRADIO_ANALYTICS_ENABLED": "False"}
-    cmd = [sys.executable, str(ROOT / "demo/app.py"), "--port", str(port), "--queue-size", str(queue)]
-    cmd += ["--concurrency", str(concurrency), "--cache-minutes", str(cache_minutes)]
-    cmd += ["--model", model] if model else []
-    log = open(tmp.parent / "server.log", "w")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(cmd, env=env, stdout=log, stderr=subprocess.STDOUT, cwd=Path.cwd())
-    url = f"http://127.0.0.1:{port}/"
-    for _ in range(600):
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            return proc, url
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"server exited: {(tmp.parent / 'server.log').read_text()[-1500:]}") from None
-            time.sleep(0.5)
-    proc.kill()
-    raise SystemExit("server did not start in 5 minutes")
+def start_server(model: str, queue: int, concurrency: int, cache_minutes: float, tmp: Path):
+    app_args = ["--queue-size", str(queue), "--concurrency", str(concurrency), "--cache-minutes", str(cache_minutes)]
+    try:
+        return start_demo(app_args + (["--model", model] if model else []), tmp.parent / "server.log", tmp, None, 300)
+    except RuntimeError as e:
+        raise SystemExit(f"soak: {e}") from None
 
 
 def served_name(model: str) -> str:
@@ -117,7 +103,7 @@ def main(argv: list[str] | None = None) -> int:
     corpus = [(c, f) for c, f in build(work / "corpus") if not c.name.startswith("oversized")]
     good = make_jpeg(work / "1mp.jpg")
     name = served_name(args.model)
-    proc, url = start_server(args.model, args.port, args.queue_size, args.concurrency, args.cache_minutes, cache)
+    proc, url = start_server(args.model, args.queue_size, args.concurrency, args.cache_minutes, cache)
     print(f"server pid {proc.pid} at {url}, model {name!r}, backend {args.backend}, cache {cache}", flush=True)
     out: list = []
     lock = threading.Lock()

@@ -16,9 +16,23 @@ from core.models import arch_kwargs_for_spec, create_model
 from core.preprocess import preprocess
 from core.spec import ModelSpec
 from training.data import Split, balanced_subset, load_item, load_source, stratified_split
-from training.runs import ARTIFACTS, RUNS
+from training.runs import ARTIFACTS, resolve_checkpoint
 
 IMAGENET_DIR = ARTIFACTS / "cache" / "imagenet-lite0"
+
+EXPORT_FILES = {  # artifact name -> file in the export folder
+    "onnx_fp32": "model.onnx",
+    "onnx_int8": "model.int8.onnx",
+    "ort_fp32": "model.ort",
+    "ort_int8": "model.int8.ort",
+    "torchscript": "model.pt",
+    "torchscript_mobile": "model.ptl",
+}
+INT8 = {"onnx_int8", "ort_int8"}
+
+
+def existing_artifacts(d: Path) -> dict[str, Path]:
+    return {k: d / f for k, f in EXPORT_FILES.items() if (d / f).is_file()}
 
 
 def imagenet_lite0_checkpoint() -> Path:
@@ -54,15 +68,10 @@ def imagenet_lite0_checkpoint() -> Path:
 
 def default_checkpoint(arg: str | None) -> Path:
     """--checkpoint, else runs/latest/best.pt, else the pretrained ImageNet Lite0 (fresh machine)."""
-    if arg:
-        p = Path(arg)
-        p = p / "best.pt" if p.is_dir() else p
-        if not p.is_file():
-            raise UserError(f"checkpoint {p} does not exist")
-        return p
-    latest = RUNS / "latest" / "best.pt"
-    if latest.is_file():
-        return latest
+    return resolve_checkpoint(arg, fallback=_pretrained_fallback)
+
+
+def _pretrained_fallback() -> Path:
     print("no training run found: exporting the pretrained ImageNet EfficientNet-Lite0 classifier")
     return imagenet_lite0_checkpoint()
 
@@ -196,8 +205,6 @@ def selection_for(ckpt: Checkpoint, n: int) -> tuple[Images, str]:
 def exported(checkpoint: str | None, export_dir: Path | None, max_images: int):
     """What validate.py and benchmark.py start from: (model, checkpoint path, export folder, its artifacts,
     held-out images, their description)."""
-    from export.validate import existing_artifacts
-
     path = default_checkpoint(checkpoint)
     model, ck = load_model(path)
     d = export_dir or path.parent / "export"

@@ -29,11 +29,9 @@ class EmbeddedPreprocessing(nn.Module):
     def __init__(self, model: nn.Module, spec: ModelSpec) -> None:
         super().__init__()
         self.model = model
-        c = 1 if spec.color in ("gray", "gray3") else 3
         self.register_buffer("mean", torch.tensor(spec.mean).view(1, -1, 1, 1) * 255.0)
         self.register_buffer("inv_std", 1.0 / (torch.tensor(spec.std).view(1, -1, 1, 1) * 255.0))
         self.replicate = spec.color == "gray3"
-        self.in_c = c
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         x = x.permute(0, 3, 1, 2).float()
@@ -59,7 +57,7 @@ def export_onnx(
         )
     if uint8_input:
         model = EmbeddedPreprocessing(model, spec).eval()
-        x = torch.zeros(1, spec.image_size, spec.image_size, 1 if spec.color != "rgb" else 3, dtype=torch.uint8)
+        x = torch.zeros(1, spec.image_size, spec.image_size, spec.view_channels, dtype=torch.uint8)
         axes = {0: "batch", 1: "height", 2: "width"} if dynamic_size else {0: "batch"}
     else:
         x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)

@@ -15,14 +15,17 @@ import argparse
 import os
 import tempfile
 import time
-from dataclasses import asdict, dataclass
+from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
+from core.checkpoint import load_checkpoint
 from core.errors import UserError, run_cli
 from core.quantization import QConfig, quantize_one
+from export.common import calibration_for, selection_for
+from export.gates import Budget, add_budget_flags, budget_from, compare, fits
 from export.onnx_io import run_onnx
 from export.runtime import make_session
 
@@ -46,47 +49,6 @@ FULL_SEARCH = (
     QConfig(calibration="Entropy"),
     QConfig(fmt="QOperator", calibration="Percentile"),
 )
-
-
-@dataclass
-class Budget:
-    max_drop: float = 1.0  # top-1 points vs fp32
-    min_agreement: float = 98.0  # % top-1 agreement with fp32
-    max_class_drop: float = 5.0  # points, any single class
-
-
-MIN_CLASS_SUPPORT = 10
-
-
-def compare(ref_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
-    """Accuracy (vs labels where known, else vs fp32), agreement, and the worst per-class drop.
-
-    The per-class drop only counts classes with >= MIN_CLASS_SUPPORT images: one image more or less
-    in a class of three would otherwise move it by 33 points."""
-    ref_pred, pred = ref_logits.argmax(1), logits.argmax(1)
-    truth = np.where(labels >= 0, labels, ref_pred)
-    acc_ref, acc = 100 * (ref_pred == truth).mean(), 100 * (pred == truth).mean()
-    worst = 0.0
-    for c in np.unique(truth):
-        m = truth == c
-        if m.sum() < MIN_CLASS_SUPPORT:
-            continue
-        worst = max(worst, 100 * ((ref_pred[m] == c).mean() - (pred[m] == c).mean()))
-    return {
-        "accuracy": float(acc),
-        "fp32_accuracy": float(acc_ref),
-        "drop": float(acc_ref - acc),
-        "agreement": float(100 * (pred == ref_pred).mean()),
-        "worst_class_drop": float(worst),
-    }
-
-
-def fits(stats: dict[str, float], b: Budget) -> bool:
-    return (
-        stats["drop"] <= b.max_drop
-        and stats["agreement"] >= b.min_agreement
-        and stats["worst_class_drop"] <= b.max_class_drop
-    )
 
 
 THROUGHPUT_BATCH = 32
@@ -244,23 +206,17 @@ def search_table(report: dict) -> str:
 
 
 def add_budget_args(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--max-drop", type=float, default=1.0, help="INT8 budget: top-1 drop vs fp32 (points)")
-    p.add_argument("--min-agreement", type=float, default=98.0, help="INT8 budget: %% top-1 agreement")
-    p.add_argument("--max-class-drop", type=float, default=5.0, help="INT8 budget: worst class drop (points)")
+    add_budget_flags(p)
     p.add_argument("--search", choices=("fast", "full"), default="fast", help="configurations to try")
     p.add_argument("--force", action="store_true", help="write the best INT8 model even outside the budget")
     p.add_argument("--calib-images", type=int, default=256, help="training images for calibration (>= classes)")
 
 
 def check_budget(args: argparse.Namespace) -> Budget:
-    """The budget from the command line, refused at once when no model could ever meet it."""
-    if not 0.0 <= args.min_agreement <= 100.0:
-        raise UserError(f"--min-agreement {args.min_agreement} cannot be met: give a percentage between 0 and 100")
-    if args.max_drop < 0 or args.max_class_drop < 0:
-        raise UserError("--max-drop and --max-class-drop are allowed losses in points: give values >= 0")
+    """The budget and the calibration size from the command line, refused before anything is written."""
     if args.calib_images < 1:
         raise UserError(f"--calib-images {args.calib_images}: calibration needs images; give at least 1 per class")
-    return Budget(args.max_drop, args.min_agreement, args.max_class_drop)
+    return budget_from(args)
 
 
 def get_args_parser() -> argparse.ArgumentParser:
@@ -275,9 +231,6 @@ def get_args_parser() -> argparse.ArgumentParser:
 
 
 def main(argv: list[str] | None = None) -> int:
-    from core.checkpoint import load_checkpoint
-    from export.common import calibration_for, selection_for
-
     args = get_args_parser().parse_args(argv)
     check_budget(args)
     src = Path(args.onnx)

@@ -17,7 +17,8 @@ from core.checkpoint import file_sha256, load_model
 from core.errors import run_cli
 from export import onnx_io, quantize, validate
 from export.benchmark import benchmark, write_outputs
-from export.common import data_for, default_checkpoint, output_dir, selection_for
+from export.common import INT8, data_for, default_checkpoint, existing_artifacts, output_dir, selection_for
+from export.gates import budget_from
 from export.to_torchscript import export_torchscript
 from training.runs import write_json
 
@@ -131,7 +132,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_torchscript:
         export_torchscript(model, ck, out)
     stages.done("ort+torchscript")
-    paths = validate.existing_artifacts(out)
+    paths = existing_artifacts(out)
     ok, known = True, {}
     if not args.no_validate:
         print("validation against the PyTorch checkpoint:")
@@ -139,14 +140,14 @@ def main(argv: list[str] | None = None) -> int:
             model,
             held,
             paths,
-            quantize.Budget(args.max_drop, args.min_agreement, args.max_class_drop),
+            budget_from(args),
             args.threads,
             desc,
         )
         validate.write_report(rep, out)
         # --force wrote an INT8 model that misses its budget on purpose: its gate stays FAIL in the report, but only
         # the fp32 gates decide the exit code
-        ok = all(r["passed"] or (args.force and r["artifact"] in validate.INT8) for r in rep["artifacts"])
+        ok = all(r["passed"] or (args.force and r["artifact"] in INT8) for r in rep["artifacts"])
         if ok and not rep["passed"]:
             print("WARNING: --force: the INT8 artifacts FAIL their accuracy budget (see report.md); fp32 gates passed")
         known = validate.known_figures(rep)

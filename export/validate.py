@@ -4,7 +4,7 @@
 
 Every artifact runs the same preprocessed arrays as the PyTorch checkpoint, with batch sizes cycling
 1, 7, 32 through the set. fp32 gates: |Δlogit| <= 1e-4 + 1e-4·|logit| everywhere and 100 % top-1
-agreement. INT8 gates: the accuracy budget of export/quantize.py. Writes report.json and report.md;
+agreement. INT8 gates: the accuracy budget of export/gates.py. Writes report.json and report.md;
 exits 1 if any gate fails.
 """
 
@@ -20,22 +20,14 @@ import numpy as np
 import torch
 
 from core.errors import run_cli
-from export.common import Images
-from export.quantize import THROUGHPUT_BATCH, Budget, compare, fits
+from export.common import INT8, Images, exported
+from export.gates import Budget, add_budget_flags, budget_from, compare, fits
+from export.quantize import THROUGHPUT_BATCH
 from export.runtime import make_session
 from training.runs import write_json
 
 ATOL, RTOL = 1e-4, 1e-4
 BATCH_CYCLE = (1, 7, 32)
-ARTIFACTS = {
-    "onnx_fp32": "model.onnx",
-    "onnx_int8": "model.int8.onnx",
-    "ort_fp32": "model.ort",
-    "ort_int8": "model.int8.ort",
-    "torchscript": "model.pt",
-    "torchscript_mobile": "model.ptl",
-}
-INT8 = {"onnx_int8", "ort_int8"}
 
 
 def runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
@@ -182,30 +174,21 @@ def known_figures(rep: dict) -> dict[str, dict]:
     return figures
 
 
-def existing_artifacts(d: Path) -> dict[str, Path]:
-    return {k: d / f for k, f in ARTIFACTS.items() if (d / f).is_file()}
-
-
 def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Validate exported artifacts against the PyTorch checkpoint.")
     p.add_argument("--checkpoint", help="checkpoint or run folder (default artifacts/runs/latest/best.pt)")
     p.add_argument("--export-dir", type=Path, help="folder with model.onnx etc. (default <run>/export)")
     p.add_argument("--max-images", type=int, default=300, help="held-out images (0 = all)")
     p.add_argument("--threads", type=int, default=2)
-    p.add_argument("--max-drop", type=float, default=1.0)
-    p.add_argument("--min-agreement", type=float, default=98.0)
-    p.add_argument("--max-class-drop", type=float, default=5.0)
+    add_budget_flags(p)
     return p
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    from export.common import exported
-
+    budget = budget_from(args)
     model, _, d, paths, held, desc = exported(args.checkpoint, args.export_dir, args.max_images)
-    rep = validate(
-        model, held, paths, Budget(args.max_drop, args.min_agreement, args.max_class_drop), args.threads, desc
-    )
+    rep = validate(model, held, paths, budget, args.threads, desc)
     write_report(rep, d)
     print(json.dumps({"passed": rep["passed"]}), f"-> {d}/report.md")
     return 0 if rep["passed"] else 1

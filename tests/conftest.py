@@ -11,6 +11,37 @@ from PIL import Image
 
 CLASSES = ("circle", "stripes", "blank")
 
+# registry models whose per-model tests take seconds each (measured: VGG ~9 s for the ONNX/TorchScript parity
+# check): marked slow, so `pytest -m "not slow and not browser"` stays a quick developer loop; CI runs them all
+HEAVY_MODELS = {
+    "alexnet",
+    "cyclemlp_b1",
+    "darknet53",
+    "densenet121",
+    "efficientnet_b0",
+    "googlenet",
+    "inception_v3",
+    "mixer_s16",
+    "regnet_y_400mf",
+    "resnet34",
+    "resnet50",
+    "resnext50_32x4d",
+    "vgg11",
+    "vgg11_bn",
+    "vgg16",
+    "vgg16_bn",
+    "vit_b_16",
+    "wide_resnet50_2",
+    "xception",
+}
+
+
+def every_model() -> list:
+    """Every registered model as a test parameter, the heavy ones marked slow."""
+    from core.models import list_models
+
+    return [pytest.param(m, marks=pytest.mark.slow) if m in HEAVY_MODELS else m for m in list_models()]
+
 
 def class_image(kind: str, rng: np.random.Generator, size: int = 40) -> Image.Image:
     """Learnable synthetic classes: a bright disc, vertical stripes, or flat noise."""
@@ -48,6 +79,22 @@ def make_folder(root: Path, per_class: int = 10, odd_files: bool = True, seed: i
     return root
 
 
+def train_argv(data=None, *extra: str, **options) -> list[str]:
+    """training/train.py arguments for a test run: 32 px, batch 8, no loader workers, no progress bar; with `data`,
+    also cnn_small from scratch for 1 epoch. `extra` strings are appended as given; keywords replace or add options
+    (`name="r"` -> --name r, `deterministic=True` -> --deterministic, `image_size=None` drops the option)."""
+    opts = {"data": str(data), "mode": "scratch", "model": "cnn_small", "epochs": 1} if data is not None else {}
+    opts |= {"image_size": 32, "batch_size": 8, "workers": 0, "no_progress": True, **options}
+    argv: list[str] = []
+    for key, value in opts.items():
+        flag = "--" + key.replace("_", "-")
+        if value is True:
+            argv.append(flag)
+        elif value is not None and value is not False:
+            argv += [flag, str(value)]
+    return argv + list(extra)
+
+
 @pytest.fixture
 def tiny_folder(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "data")
@@ -66,27 +113,7 @@ def trained_run(tmp_path_factory) -> Path:
     os.chdir(root)
     try:
         make_folder(root / "data", per_class=12, odd_files=False)
-        argv = [
-            "--data",
-            str(root / "data"),
-            "--mode",
-            "scratch",
-            "--model",
-            "cnn_small",
-            "--epochs",
-            "4",
-            "--lr",
-            "0.01",
-            "--name",
-            "m",
-            "--image-size",
-            "32",
-            "--batch-size",
-            "8",
-            "--workers",
-            "0",
-            "--no-progress",
-        ]
+        argv = train_argv(root / "data", epochs=4, lr=0.01, name="m")
         assert run_cli(train.main, argv) == 0
     finally:
         os.chdir(old)

@@ -9,7 +9,7 @@ import numpy as np
 from PIL import Image
 
 from core.errors import run_cli
-from tests.conftest import class_image
+from tests.conftest import class_image, train_argv
 from training import check_data, train
 
 
@@ -72,12 +72,10 @@ def test_builtin_dataset_is_checked_too():
 def test_train_runs_the_check_first_and_strict_data_stops_it(workdir, capsys):
     root = split_folder(workdir / "d")
     shutil.copy(root / "train/circle/0.png", root / "val/circle/leak.png")
-    argv = ["--data", str(root), "--mode", "scratch", "--model", "cnn_small", "--epochs", "1"]
-    fast = ["--image-size", "32", "--workers", "0", "--no-progress"]
-    assert run_cli(train.main, [*argv, *fast, "--strict-data", "--name", "s"]) == 2
+    assert run_cli(train.main, train_argv(root, strict_data=True, name="s")) == 2
     assert "--strict-data" in capsys.readouterr().err
     assert not (workdir / "artifacts/runs/s").exists()
-    assert run_cli(train.main, [*argv, *fast, "--name", "ok"]) == 0
+    assert run_cli(train.main, train_argv(root, name="ok")) == 0
     assert "duplicate across splits" in capsys.readouterr().out
     health = json.loads((workdir / "artifacts/runs/ok/data_health.json").read_text())
     assert health["errors"] == 1

@@ -9,9 +9,9 @@ from pathlib import Path
 import numpy as np
 import pytest
 from PIL import Image
-from test_preprocess_golden import SPECS
 
 from core.preprocess import preprocess
+from tests.test_preprocess_golden import SPECS
 from tools import consumer
 
 rng = np.random.default_rng(7)

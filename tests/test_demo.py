@@ -2,26 +2,17 @@
 
 import io
 import os
-import socket
-import subprocess
-import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 from PIL import Image
 
+from demo.launch import start_demo
 from tests.test_spec_and_images import bomb_png
 
 ROOT = Path(__file__).resolve().parents[1]
 CLASSES = {"blank", "circle", "stripes"}
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 def tmp_cache(run: Path) -> Path:
@@ -34,40 +25,13 @@ def cache_files(run: Path) -> int:
 
 @pytest.fixture(scope="module")
 def server(exported_run):
-    port = free_port()
-    log = open(exported_run.parent / "demo.log", "w")  # noqa: SIM115 - closed in teardown
-    proc = subprocess.Popen(
-        [
-            sys.executable,
-            str(ROOT / "demo/app.py"),
-            "--model",
-            str(exported_run),
-            "--port",
-            str(port),
-            "--queue-size",
-            "8",
-        ],
-        cwd=exported_run.parent.parent.parent,
-        stdout=log,
-        stderr=subprocess.STDOUT,
-        env={**os.environ, "GRADIO_ANALYTICS_ENABLED": "False", "GRADIO_TEMP_DIR": str(tmp_cache(exported_run))},
+    log = exported_run.parent / "demo.log"
+    proc, url = start_demo(
+        ["--model", str(exported_run), "--queue-size", "8"], log, tmp_cache(exported_run), exported_run.parents[2]
     )
-    url = f"http://127.0.0.1:{port}/"
-    for _ in range(120):
-        try:
-            urllib.request.urlopen(url, timeout=1)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError((exported_run.parent / "demo.log").read_text()[-2000:]) from None
-            time.sleep(0.5)
-    else:
-        proc.kill()
-        raise RuntimeError("demo did not start in 60 s")
     yield url, exported_run
     proc.terminate()  # SIGTERM, as docker/systemd stop it: a clean shutdown that empties the upload cache
     assert proc.wait(30) == 0
-    log.close()
     assert cache_files(exported_run) == 0, (exported_run.parent / "demo.log").read_text()[-1000:]
 
 
@@ -85,6 +49,7 @@ def images(run: Path) -> list[Path]:
 ALL = ["pytorch", "torchscript", "onnx_fp32", "onnx_int8"]
 
 
+@pytest.mark.slow  # a real server process
 def test_api_predict_every_backend(client, server):
     from gradio_client import handle_file
 
@@ -117,6 +82,7 @@ def malformed(tmp: Path) -> dict[str, Path]:
     return {n: tmp / n for n in files}
 
 
+@pytest.mark.slow  # a real server process
 def test_api_malformed_uploads_get_clear_errors_and_server_keeps_serving(client, server, tmp_path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
@@ -138,6 +104,7 @@ def test_api_malformed_uploads_get_clear_errors_and_server_keeps_serving(client,
     assert label["label"] in CLASSES
 
 
+@pytest.mark.slow  # a real server process
 def test_api_answers_the_whole_malformed_corpus(client, server, tmp_path):
     from gradio_client import handle_file
     from gradio_client.exceptions import AppError
@@ -160,6 +127,7 @@ def test_api_answers_the_whole_malformed_corpus(client, server, tmp_path):
     assert label["label"] in CLASSES  # still serving
 
 
+@pytest.mark.slow  # a real server process
 def test_repeated_uploads_do_not_pile_up_temp_files(client, server):
     from gradio_client import handle_file
 
@@ -171,6 +139,7 @@ def test_repeated_uploads_do_not_pile_up_temp_files(client, server):
     assert cache_files(server[1]) == before  # same content -> same cached file; nothing per request
 
 
+@pytest.mark.slow
 @pytest.mark.parametrize("client_kind", ["gradio", "http"])
 def test_loadtest_clients_drive_the_real_predict_path(server, client_kind):
     from demo.loadtest import run_level
@@ -180,6 +149,7 @@ def test_loadtest_clients_drive_the_real_predict_path(server, client_kind):
     assert r["server_p50_ms"] > 0 and r["p50_ms"] >= r["server_p50_ms"]  # the app's own timing came back
 
 
+@pytest.mark.slow  # a real server process
 def test_server_refuses_oversized_upload_itself(server):
     import httpx
 
@@ -188,6 +158,7 @@ def test_server_refuses_oversized_upload_itself(server):
     assert r.status_code == 413 and "maximum" in r.text.lower()
 
 
+@pytest.mark.slow  # a real server process
 def test_api_compare_benchmark_and_card(client, server):
     from gradio_client import handle_file
 
@@ -200,6 +171,8 @@ def test_api_compare_benchmark_and_card(client, server):
     assert "cnn_small" in card and "Export validation" in card
 
 
+@pytest.mark.slow
+@pytest.mark.browser
 def test_browser_upload_classify_and_compare(server):
     from playwright.sync_api import sync_playwright
 

@@ -359,7 +359,7 @@ def test_imagenet_fallback_checkpoint_and_its_images(tmp_path, monkeypatch):
 
 
 def test_budget_gates():
-    from export.quantize import Budget, compare, fits
+    from export.gates import Budget, compare, fits
 
     rng = np.random.default_rng(0)
     ref = rng.normal(size=(100, 2)).astype(np.float32)
@@ -370,6 +370,20 @@ def test_budget_gates():
     assert s["agreement"] == 97.0 and s["drop"] == pytest.approx(3.0)
     assert not fits(s, Budget()) and fits(s, Budget(max_drop=3.0, min_agreement=97.0, max_class_drop=10.0))
     assert compare(ref, ref, labels)["worst_class_drop"] == 0.0 and fits(compare(ref, ref, labels), Budget())
+
+
+@pytest.mark.parametrize("module", ["to_onnx", "quantize", "validate"])
+def test_every_stage_reads_the_one_budget_default(module):
+    import importlib
+
+    from export.gates import Budget, budget_from
+
+    mod = importlib.import_module(f"export.{module}")
+    argv = ["--onnx", "m.onnx"] if module == "quantize" else []
+    assert budget_from(mod.get_args_parser().parse_args(argv)) == Budget()
+    args = mod.get_args_parser().parse_args([*argv, "--min-agreement", "101"])
+    with pytest.raises(UserError, match="between 0 and 100"):
+        budget_from(args)
 
 
 def test_runtime_needs_no_torch(exported_run):

@@ -14,8 +14,9 @@ import pytest
 import torch
 
 from core.checkpoint import load_checkpoint
-from tests.conftest import make_folder
-from tests.test_train import FAST
+from tests.conftest import make_folder, train_argv
+
+pytestmark = pytest.mark.slow  # real training processes killed and resumed: minutes
 
 ROOT = Path(__file__).resolve().parents[1]
 EPOCHS = 4
@@ -34,20 +35,7 @@ def train_cmd(data: Path, name: str, *extra: str) -> list[str]:
     return [
         sys.executable,
         str(ROOT / "training/train.py"),
-        "--data",
-        str(data),
-        "--mode",
-        "scratch",
-        "--model",
-        "cnn_small",
-        "--augment",
-        "basic",
-        "--deterministic",
-        "--epochs",
-        str(EPOCHS),
-        *FAST,
-        "--name",
-        name,
+        *train_argv(data, augment="basic", deterministic=True, epochs=EPOCHS, name=name),
         *extra,
     ]
 
@@ -118,24 +106,9 @@ def digits_cmd(name: str, batch: int, *extra: str, nproc: int = 1) -> list[str]:
     return [
         *(launcher if nproc > 1 else [sys.executable]),
         str(ROOT / "training/train.py"),
-        "--data",
-        "digits",
-        "--model",
-        "linear",  # no BatchNorm, no dropout: per-rank batches then add up to exactly the global batch
-        "--dropout",
-        "0",
-        "--mode",
-        "scratch",
-        "--epochs",
-        "3",
-        "--batch-size",
-        str(batch),
-        "--workers",
-        "0",
-        "--no-progress",
+        # linear: no BatchNorm, no dropout: per-rank batches then add up to exactly the global batch
+        *train_argv("digits", model="linear", dropout=0, epochs=3, image_size=None, batch_size=batch, name=name),
         "--deterministic",
-        "--name",
-        name,
         *extra,
     ]
 
@@ -213,7 +186,7 @@ def test_lightning_missing_is_a_clear_error(workdir, monkeypatch, capsys):
         return real_import(name, *a, **k)
 
     monkeypatch.setattr(builtins, "__import__", no_lightning)
-    argv = ["--data", "digits", "--model", "linear", "--mode", "scratch", "--epochs", "1", "--engine", "lightning"]
-    assert run_cli(train.main, [*argv, "--workers", "0", "--no-progress"]) == 2
+    argv = train_argv("digits", model="linear", image_size=None, engine="lightning")
+    assert run_cli(train.main, argv) == 2
     assert "pip install lightning" in capsys.readouterr().err
     assert not (workdir / "artifacts/runs").exists()  # refused before any run folder was made

@@ -9,19 +9,17 @@ import pytest
 import torch
 
 from core.errors import run_cli
-from tests.conftest import CLASSES, make_folder
+from tests.conftest import CLASSES, make_folder, train_argv
 from training import evaluate, predict, train
 
-FAST = ["--image-size", "32", "--batch-size", "8", "--workers", "0", "--no-progress"]
+
+def run_train(*argv: str, **options) -> int:
+    return run_cli(train.main, train_argv(None, *argv, **options))
 
 
-def run_train(*argv: str) -> int:
-    return run_cli(train.main, [*argv, *FAST])
-
-
-def run_scratch(folder, *argv: str) -> int:
+def run_scratch(folder, **options) -> int:
     """The cheapest real training run: cnn_small from scratch on a generated folder."""
-    return run_train("--data", str(folder), "--mode", "scratch", "--model", "cnn_small", *argv)
+    return run_cli(train.main, train_argv(folder, **options))
 
 
 def read_history(run):
@@ -64,67 +62,26 @@ def test_each_mode_trains_and_writes_a_self_describing_run(workdir, tiny_folder,
 
 
 def test_scratch_learns_the_synthetic_task(workdir, tiny_folder):
-    assert (
-        run_scratch(
-            tiny_folder,
-            "--epochs",
-            "12",
-            "--lr",
-            "0.01",
-            "--name",
-            "learn",
-        )
-        == 0
-    )
+    assert run_scratch(tiny_folder, epochs=12, lr=0.01, name="learn") == 0
     assert float(read_history(workdir / "artifacts/runs/learn")[-1]["train_acc"]) > 0.8
 
 
 def test_resume_continues_at_the_right_epoch_and_lr(workdir, tiny_folder):
-    common = [
-        "--data",
-        str(tiny_folder),
-        "--mode",
-        "scratch",
-        "--model",
-        "cnn_small",
-        "--deterministic",
-        "--augment",
-        "basic",
-    ]
-    assert run_train(*common, "--epochs", "4", "--name", "full") == 0
-    assert run_train(*common, "--epochs", "2", "--name", "part") == 0
+    common = {"deterministic": True, "augment": "basic"}
+    assert run_scratch(tiny_folder, **common, epochs=4, name="full") == 0
+    assert run_scratch(tiny_folder, **common, epochs=2, name="part") == 0
     # same schedule length: resume the 2-epoch run up to 4 epochs with the original --epochs recorded
     state_args = json.loads((workdir / "artifacts/runs/part/meta.json").read_text())["args"]
     assert state_args["epochs"] == 2
-    assert run_train(*common, "--epochs", "4", "--resume", "part") == 0
+    assert run_scratch(tiny_folder, **common, epochs=4, resume="part") == 0
     full, part = read_history(workdir / "artifacts/runs/full"), read_history(workdir / "artifacts/runs/part")
     assert [int(r["epoch"]) for r in part] == [1, 2, 3, 4]
     assert float(part[3]["lr"]) == pytest.approx(float(full[3]["lr"]))
 
 
 def test_resume_refuses_changed_options(workdir, tiny_folder, capsys):
-    assert (
-        run_scratch(
-            tiny_folder,
-            "--epochs",
-            "1",
-            "--name",
-            "a",
-        )
-        == 0
-    )
-    code = run_train(
-        "--data",
-        str(tiny_folder),
-        "--mode",
-        "scratch",
-        "--model",
-        "cnn_medium",
-        "--epochs",
-        "2",
-        "--resume",
-        "a",
-    )
+    assert run_scratch(tiny_folder, name="a") == 0
+    code = run_scratch(tiny_folder, model="cnn_medium", epochs=2, resume="a")
     assert code == 2 and "changed options ['model']" in capsys.readouterr().err
 
 
@@ -166,18 +123,7 @@ def test_bad_input_is_one_clear_line(workdir, capsys, setup, argv, message):
 
 @pytest.fixture
 def trained(workdir, tiny_folder):
-    assert (
-        run_scratch(
-            tiny_folder,
-            "--epochs",
-            "3",
-            "--lr",
-            "0.01",
-            "--name",
-            "t",
-        )
-        == 0
-    )
+    assert run_scratch(tiny_folder, epochs=3, lr=0.01, name="t") == 0
     return workdir / "artifacts/runs/t"
 
 

@@ -19,6 +19,7 @@ import torch
 
 from core.errors import UserError
 from core.spec import ModelSpec
+from training.batches import Batches
 from training.engine import make_optimizer, make_scheduler
 from training.recorder import EpochRecorder
 
@@ -41,7 +42,7 @@ def require(distributed: bool) -> None:
     _import_lightning()
 
 
-def fit_lightning(args: argparse.Namespace, batches, spec: ModelSpec, run: Path, state: dict | None) -> dict:
+def fit_lightning(args: argparse.Namespace, batches: Batches, spec: ModelSpec, run: Path, state: dict | None) -> dict:
     pl = _import_lightning()
     rec = EpochRecorder(args, spec, run, True, state)
     model, source = batches.model, batches.source

@@ -19,9 +19,10 @@ import torch
 import torch.nn.functional as F
 
 from core.atomic import atomic_write
-from core.checkpoint import Checkpoint, atomic_torch_save, save_checkpoint
+from core.checkpoint import Checkpoint, save_checkpoint
 from core.faults import crash_point
 from core.spec import ModelSpec
+from core.torch_io import atomic_torch_save
 
 RESUME_FORMAT = 1
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import time
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -41,16 +42,24 @@ def point_latest(run: Path) -> None:
         (run.parent / "LATEST").write_text(run.name)
 
 
-def resolve_checkpoint(arg: str | None) -> Path:
-    """`None` -> runs/latest/best.pt; a run folder -> its best.pt; else the path itself."""
-    if arg is None:
-        latest = RUNS / "latest"
-        if not latest.exists() and (RUNS / "LATEST").is_file():
-            latest = RUNS / (RUNS / "LATEST").read_text().strip()
-        path = latest / "best.pt"
-        if not path.is_file():
-            raise UserError(f"no trained model at {path}; run `python training/train.py` first or pass --checkpoint")
-        return path
+def latest_run() -> Path | None:
+    """The run runs/latest points at (a symlink; the run named in runs/LATEST where symlinks fail), if any."""
+    latest = RUNS / "latest"
+    if not latest.exists() and (RUNS / "LATEST").is_file():
+        latest = RUNS / (RUNS / "LATEST").read_text().strip()
+    return latest if latest.is_dir() else None
+
+
+def resolve_checkpoint(arg: str | None, fallback: Callable[[], Path] | None = None) -> Path:
+    """The one checkpoint resolver of every stage: a file as given; a run folder -> its best.pt; nothing -> the
+    latest run's best.pt, else `fallback()` (export: the pretrained ImageNet model), else a one-line error."""
+    if not arg:
+        run = latest_run()
+        if run is not None and (run / "best.pt").is_file():
+            return run / "best.pt"
+        if fallback is not None:
+            return fallback()
+        raise UserError(f"no trained model under {RUNS}; run `python training/train.py` first or pass --checkpoint")
     p = Path(arg)
     if p.is_dir():
         p = p / "best.pt"

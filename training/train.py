@@ -15,25 +15,24 @@ from pathlib import Path
 import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
-from torch.utils.data import DataLoader
 
 from core.atomic import remove_stale_temps
-from core.checkpoint import Checkpoint, safe_torch_load, save_checkpoint
+from core.checkpoint import Checkpoint, save_checkpoint
 from core.errors import UserError, run_cli
 from core.models import ModelEntry, arch_kwargs_for_spec, create_model, get_entry
 from core.models.classifier import init_weights
-from core.models.efficientnet_lite import Prefix, Suffix, freeze_prefix
+from core.models.efficientnet_lite import freeze_prefix
 from core.spec import ModelSpec
-from core.transforms import eval_transform, train_transform
-from training import check_data, distributed, features
+from core.torch_io import safe_torch_load
+from training import check_data, distributed
+from training.batches import Batches, transfer_cached
 from training.cli import parse_args
-from training.data import DataSource, ImageDataset, Split, balanced_subset, collate_skip, load_source
+from training.data import DataSource, load_source
 from training.distributed import Dist
 from training.engine import (
     classification_metrics,
     make_optimizer,
     make_scheduler,
-    predict,
     seed_everything,
     train_one_epoch,
 )
@@ -93,18 +92,6 @@ def build_spec(args: argparse.Namespace, source: DataSource, entry: ModelEntry, 
     )
 
 
-def train_views(args: argparse.Namespace, source: DataSource) -> int:
-    """Cached views per training image: --views, or 8 for a partial finetune on symmetric data (ELPV), else 1."""
-    if args.views != "auto":
-        return int(args.views)
-    return 8 if args.trainable_from is not None and source.symmetric else 1
-
-
-def transfer_cached(args: argparse.Namespace) -> bool:
-    """Transfer runs train the head on cached backbone features unless images must go through it every epoch."""
-    return args.mode == "transfer" and args.augment == "none" and not args.no_feature_cache
-
-
 def check_partial(args: argparse.Namespace, entry: ModelEntry) -> None:
     """--trainable-from and --views only where they mean something; each refusal says why."""
     if args.views != "auto" and not (args.trainable_from is not None or args.mode == "transfer"):
@@ -148,98 +135,6 @@ def resolve_weights(args: argparse.Namespace, entry: ModelEntry) -> str | None:
             f"{entry.name} has no pretrained weights available offline; use --mode scratch or pass --weights FILE.pth"
         )
     return weights
-
-
-def image_loader(split: Split, transform, args: argparse.Namespace, sampler) -> DataLoader:
-    return DataLoader(
-        ImageDataset(split, transform),
-        batch_size=args.batch_size,
-        sampler=sampler,
-        num_workers=args.workers,
-        pin_memory=args.pin_memory,
-        collate_fn=collate_skip,
-        persistent_workers=False,
-        drop_last=False,
-    )
-
-
-class Batches:
-    """Where batches come from: cached features of the frozen part (transfer: the whole backbone; partial
-    finetune: its first blocks) or images through a DataLoader. Training loaders draw this rank's shard of the
-    epoch's permutation; evaluation loaders a strided shard."""
-
-    def __init__(self, args, source: DataSource, spec: ModelSpec, model, weights, device, d: Dist) -> None:
-        self.args, self.source, self.spec, self.model, self.weights, self.device, self.d = (
-            args,
-            source,
-            spec,
-            model,
-            weights,
-            device,
-            d,
-        )
-        self.stop = args.trainable_from
-        self.use_features = transfer_cached(args) or self.stop is not None
-        self.views = train_views(args, source)
-        if self.stop is not None:
-            self.frozen, self.trainee = Prefix(model.backbone, self.stop), Suffix(model.backbone, model.head, self.stop)
-        else:
-            self.frozen, self.trainee = model.backbone, model.head if self.use_features else model
-        self._train_tf = train_transform(spec, args.augment)
-        self._eval_tf = eval_transform(spec)
-        self._features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
-
-    def _cached_int8(self, split: Split) -> np.ndarray:
-        """The training views through the export's INT8 model of the frozen part (the backbone in transfer mode,
-        the first blocks in a partial finetune), calibrated on the images the export calibrates on (training
-        split, class-balanced subset)."""
-        calib = balanced_subset(self.source.train.labels, features.INT8_AWARE_CALIB)
-        subset = Split([self.source.train.items[i] for i in calib], [self.source.train.labels[i] for i in calib])
-        return self._cached("train", split, subset)[0]
-
-    def _cached(self, name: str, split: Split, int8_calib: Split | None = None) -> tuple[np.ndarray, np.ndarray]:
-        name_key = name + ("-int8" if int8_calib is not None else "")
-        if name_key not in self._features:
-            get = lambda: features.cached_features(  # noqa: E731
-                self.frozen,
-                self.spec,
-                self.weights,
-                split,
-                name,
-                ARTIFACTS / "cache" / "features",
-                self.device,
-                progress=not self.args.no_progress and self.d.main,
-                stop=self.stop,
-                views=self.views if name == "train" else 1,
-                int8_calib=int8_calib,
-            )
-            if self.d.main:  # rank 0 fills the cache, the others read it
-                self._features[name_key] = get()
-            distributed.barrier(self.d)
-            if not self.d.main:
-                self._features[name_key] = get()
-        return self._features[name_key]
-
-    def loader(self, name: str, split: Split, train: bool, epoch: int = 0):
-        """This rank's batches: a shard of the epoch's permutation (train) or a strided shard (eval)."""
-        x, y = self._cached(name, split) if self.use_features else (None, None)
-        n = len(y) if self.use_features else len(split)  # features: only the images that decoded
-        ix = distributed.epoch_order(n, self.args.seed, epoch, self.d) if train else distributed.eval_indices(n, self.d)
-        if self.use_features:
-            views = self.views if name == "train" else 1
-            alt = self._cached_int8(split) if train and self.args.int8_aware else None
-            seed = self.args.seed * 100_003 + epoch if train and (views > 1 or alt is not None) else None
-            return features.FeatureLoader(x, y, self.args.batch_size, ix, views, seed, alt)
-        if train:
-            return image_loader(split, self._train_tf, self.args, ix)  # a list of indices serves as the sampler
-        return image_loader(split, self._eval_tf, self.args, ix)
-
-    def predict(self, name: str, split: Split) -> tuple[np.ndarray, np.ndarray, int]:
-        """Logits and labels of a whole split, computed in shards and gathered on every rank."""
-        logits, labels, skipped = predict(self.trainee, self.loader(name, split, train=False), self.device)
-        logits, labels = distributed.gather_arrays(self.d, logits, labels)
-        (skipped,) = distributed.sum_all(self.d, [skipped])
-        return logits, labels, int(skipped)
 
 
 def newest_unfinished_run() -> Path | None:

@@ -14,20 +14,19 @@ from urllib.parse import urlparse
 import torch
 
 from core.errors import UserError
+from core.torch_io import safe_torch_load, strip_wrapper_prefixes
 
 LITE0_WEIGHTS = "imagenet"
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     """A plain state dict (or a {'state_dict': ...} wrapper) from disk, never unpickling code."""
-    from core.checkpoint import safe_torch_load
-
     obj = safe_torch_load(path)
     if isinstance(obj, dict) and isinstance(obj.get("state_dict"), dict):
         obj = obj["state_dict"]
     if not isinstance(obj, dict) or not all(isinstance(v, torch.Tensor) for v in obj.values()):
         raise UserError(f"{path}: not a state dict of tensors")
-    return {k.removeprefix("_orig_mod.").removeprefix("module."): v for k, v in obj.items()}
+    return strip_wrapper_prefixes(obj)
 
 
 def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:

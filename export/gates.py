@@ -1,0 +1,74 @@
+"""The INT8 accuracy budget and its gates, shared by the INT8 search (export/quantize.py) and the validation of
+every artifact (export/validate.py): the one place its defaults and command-line flags are written."""
+
+from __future__ import annotations
+
+import argparse
+from dataclasses import dataclass, fields
+
+import numpy as np
+
+from core.errors import UserError
+
+
+@dataclass
+class Budget:
+    max_drop: float = 1.0  # top-1 points vs fp32
+    min_agreement: float = 98.0  # % top-1 agreement with fp32
+    max_class_drop: float = 5.0  # points, any single class
+
+
+MIN_CLASS_SUPPORT = 10
+
+
+def compare(ref_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> dict[str, float]:
+    """Accuracy (vs labels where known, else vs fp32), agreement, and the worst per-class drop.
+
+    The per-class drop only counts classes with >= MIN_CLASS_SUPPORT images: one image more or less
+    in a class of three would otherwise move it by 33 points."""
+    ref_pred, pred = ref_logits.argmax(1), logits.argmax(1)
+    truth = np.where(labels >= 0, labels, ref_pred)
+    acc_ref, acc = 100 * (ref_pred == truth).mean(), 100 * (pred == truth).mean()
+    worst = 0.0
+    for c in np.unique(truth):
+        m = truth == c
+        if m.sum() < MIN_CLASS_SUPPORT:
+            continue
+        worst = max(worst, 100 * ((ref_pred[m] == c).mean() - (pred[m] == c).mean()))
+    return {
+        "accuracy": float(acc),
+        "fp32_accuracy": float(acc_ref),
+        "drop": float(acc_ref - acc),
+        "agreement": float(100 * (pred == ref_pred).mean()),
+        "worst_class_drop": float(worst),
+    }
+
+
+def fits(stats: dict[str, float], b: Budget) -> bool:
+    return (
+        stats["drop"] <= b.max_drop
+        and stats["agreement"] >= b.min_agreement
+        and stats["worst_class_drop"] <= b.max_class_drop
+    )
+
+
+FLAGS = {  # Budget field -> (flag, help)
+    "max_drop": ("--max-drop", "INT8 budget: top-1 drop vs fp32 (points)"),
+    "min_agreement": ("--min-agreement", "INT8 budget: %% top-1 agreement"),
+    "max_class_drop": ("--max-class-drop", "INT8 budget: worst class drop (points)"),
+}
+
+
+def add_budget_flags(p: argparse.ArgumentParser) -> None:
+    for f in fields(Budget):
+        flag, text = FLAGS[f.name]
+        p.add_argument(flag, type=float, default=f.default, help=text)
+
+
+def budget_from(args: argparse.Namespace) -> Budget:
+    """The budget from the command line, refused at once when no model could ever meet it."""
+    if not 0.0 <= args.min_agreement <= 100.0:
+        raise UserError(f"--min-agreement {args.min_agreement} cannot be met: give a percentage between 0 and 100")
+    if args.max_drop < 0 or args.max_class_drop < 0:
+        raise UserError("--max-drop and --max-class-drop are allowed losses in points: give values >= 0")
+    return Budget(args.max_drop, args.min_agreement, args.max_class_drop)
