@@ -2,6 +2,8 @@
 
 import io
 import os
+import subprocess
+import sys
 import time
 from pathlib import Path
 
@@ -279,3 +281,11 @@ def test_model_dropdown_opens_on_the_newest_exported_run(trained_run, tmp_path):
     assert list(discover(tmp_path, None)) == ["old", "new"]  # the newer run has only its PyTorch backend
     shutil.rmtree(tmp_path / "runs" / "old" / "export")
     assert list(discover(tmp_path, None)) == ["new", "old"]  # nothing exported: newest first, as before
+
+
+def test_demo_serves_from_the_one_artifacts_root(tmp_path):
+    """CLS_ARTIFACTS moves every stage's artifacts, the demo's discovery included."""
+    code = "import demo.app as a, training.runs as r; print(a.ARTIFACTS is r.ARTIFACTS, a.RUNS)"
+    env = {**os.environ, "CLS_ARTIFACTS": str(tmp_path / "elsewhere"), "PYTHONPATH": str(ROOT)}
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=120)
+    assert out.stdout.split() == ["True", str(tmp_path / "elsewhere" / "runs")], out.stderr[-500:]

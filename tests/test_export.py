@@ -400,3 +400,23 @@ def test_runtime_needs_no_torch(exported_run):
     out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert out.returncode == 0, out.stderr[-500:]
     assert out.stdout.strip() in {"blank", "circle", "stripes"}
+
+
+def test_one_checkpoint_resolver_for_every_stage(workdir, monkeypatch):
+    """runs/latest as a symlink or, where symlinks fail, the run named in runs/LATEST: training's tools and the
+    export resolve the same file; only the export falls back to the pretrained model when there is no run."""
+    from core.errors import UserError
+    from export import common
+    from training.runs import RUNS, resolve_checkpoint
+
+    monkeypatch.setattr(common, "imagenet_lite0_checkpoint", lambda: workdir / "pretrained.pt")
+    with pytest.raises(UserError, match="no trained model"):
+        resolve_checkpoint(None)
+    assert common.default_checkpoint(None) == workdir / "pretrained.pt"
+    (RUNS / "r1").mkdir(parents=True)
+    (RUNS / "r1" / "best.pt").write_bytes(b"weights")
+    (RUNS / "LATEST").write_text("r1")
+    assert resolve_checkpoint(None) == common.default_checkpoint(None) == RUNS / "r1" / "best.pt"
+    assert (
+        resolve_checkpoint(str(RUNS / "r1")) == common.default_checkpoint(str(RUNS / "r1")) == RUNS / "r1" / "best.pt"
+    )
