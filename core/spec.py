@@ -21,14 +21,18 @@ INTERPOLATIONS = ("bilinear", "bicubic", "nearest")
 
 @dataclass(frozen=True)
 class ModelSpec:
+    """Preprocessing is given by keyword and has no silent defaults (no ImageNet mean/std, no 224/256): specs
+    are built by `core.models.default_spec` from the registry entry's own defaults, or read from an artifact."""
+
     arch: str
     class_names: tuple[str, ...]
-    image_size: int = 224  # side of the square the network sees
-    resize_size: int = 256  # shorter side before the center crop (crop == "center")
+    _: dataclasses.KW_ONLY
+    image_size: int  # side of the square the network sees
+    resize_size: int  # shorter side before the center crop (crop == "center"); = image_size for "squash"
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     crop: str = "center"
     interpolation: str = "bilinear"
-    mean: tuple[float, ...] = (0.485, 0.456, 0.406)
-    std: tuple[float, ...] = (0.229, 0.224, 0.225)
     color: str = "rgb"
     arch_kwargs: dict[str, Any] = field(default_factory=dict)
     version: int = SPEC_VERSION
@@ -88,6 +92,9 @@ class ModelSpec:
         if int(d.get("version", 1)) > SPEC_VERSION:
             raise UserError(f"model spec version {d['version']} is newer than this code understands; upgrade")
         known = {f.name for f in dataclasses.fields(cls)}
+        missing = sorted({"image_size", "resize_size", "mean", "std"} - set(d))
+        if missing:
+            raise UserError(f"model spec lacks {', '.join(missing)}: re-export it from its checkpoint")
         return cls(**{k: v for k, v in d.items() if k in known})
 
     @classmethod

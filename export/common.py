@@ -12,7 +12,7 @@ import numpy as np
 from core.checkpoint import Checkpoint, load_model, save_checkpoint
 from core.errors import UserError
 from core.images import ImageError
-from core.models import arch_kwargs_for_spec, create_model
+from core.models import create_model, default_spec
 from core.preprocess import preprocess
 from core.spec import ModelSpec
 from training.data import Split, balanced_subset, load_item, load_source, stratified_split
@@ -41,18 +41,7 @@ def imagenet_lite0_checkpoint() -> Path:
     if not path.is_file():
         from torchvision.models import ResNet18_Weights  # ships the 1000 ImageNet category names offline
 
-        spec = ModelSpec(
-            "efficientnet_lite0",
-            tuple(ResNet18_Weights.DEFAULT.meta["categories"]),
-            224,
-            256,
-            "center",
-            "bilinear",
-            (0.5,) * 3,
-            (0.5,) * 3,
-            "rgb",
-            arch_kwargs_for_spec("linear", None, 256, taps=[], pool="mean"),
-        )
+        spec = default_spec("efficientnet_lite0", ResNet18_Weights.DEFAULT.meta["categories"], weights="imagenet")
         model = create_model("efficientnet_lite0", 1000, weights="imagenet", **spec.arch_kwargs)
         save_checkpoint(
             Checkpoint(

@@ -20,9 +20,8 @@ import torch
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from core.errors import run_cli
-from core.models import create_model, get_entry, list_models
+from core.models import create_model, default_spec, get_entry, list_models
 from core.quantization import QConfig, quantize_one
-from core.spec import ModelSpec
 from export.benchmark import device_line
 from export.common import sample_images
 from export.onnx_io import export_onnx
@@ -47,7 +46,7 @@ def row(name: str, size: int, calib: np.ndarray, threads: int, runs: int, tmp: P
     size = entry.default_size if entry.extra.get("fixed_size") else max(size, entry.min_size)
     model = create_model(name, 1000, 3, size).eval()
     params = sum(p.numel() for p in model.parameters()) / 1e6
-    spec = ModelSpec(name, tuple(str(i) for i in range(1000)), size, size, "squash")
+    spec = default_spec(name, [str(i) for i in range(1000)], image_size=size, crop="squash")
     fp32 = export_onnx(model, spec, tmp / f"{name}.onnx")
     x = calib[:1] if calib.shape[-1] == size else np.random.default_rng(0).normal(size=(1, 3, size, size))
     x = x.astype(np.float32)
@@ -74,7 +73,8 @@ def main(argv: list[str] | None = None) -> int:
     torch.set_num_threads(args.threads)
     # 8 calibration images: weights are random, so only speed is measured, and MinMax calibration holds every
     # activation of every image in memory (wide_resnet50_2 at 224 px with 32 images exhausted 24 GB)
-    calib = sample_images(ModelSpec("x", ("a",), args.image_size, args.image_size, "squash"), 8, seed=1).x
+    crops = default_spec("resnet18", ["a"], image_size=args.image_size, crop="squash")  # ImageNet normalisation
+    calib = sample_images(crops, 8, seed=1).x
     lines = [
         f"# Model zoo: ONNX fp32 vs INT8 at {args.image_size} px\n",
         device_line(args.threads) + "\n",

@@ -7,12 +7,11 @@ import torch
 from core.atomic import remove_stale_temps
 from core.checkpoint import Checkpoint, load_checkpoint, load_model, save_checkpoint
 from core.errors import UserError
-from core.models import arch_kwargs_for_spec, create_model
-from core.spec import ModelSpec
+from core.models import create_model, default_spec
 
 
 def make_ckpt(path):
-    spec = ModelSpec("cnn_small", ("a", "b", "c"), 16, 16, "squash", arch_kwargs=arch_kwargs_for_spec("linear", 0.1, 8))
+    spec = default_spec("cnn_small", ("a", "b", "c"), image_size=16, crop="squash", dropout=0.1, hidden=8)
     model = create_model("cnn_small", 3, 3, 16, **spec.arch_kwargs).eval()
     save_checkpoint(Checkpoint(spec, model.state_dict(), {"accuracy": 0.5}, {"data": "x"}), path)
     return model, spec

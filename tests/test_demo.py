@@ -237,7 +237,7 @@ def test_backends_run_onnx_first_and_answer_in_the_order_asked(tmp_path):
     answers in the order asked."""
     import numpy as np
 
-    from core.spec import ModelSpec
+    from core.models import default_spec
     from demo.backends import ServedModel, run_backends
 
     calls = []
@@ -246,7 +246,7 @@ def test_backends_run_onnx_first_and_answer_in_the_order_asked(tmp_path):
         def get(self, m, backend):
             return lambda x: (calls.append(backend), np.array([[0.0, 1.0]]))[1]
 
-    spec = ModelSpec(arch="cnn_small", class_names=("a", "b"), image_size=8)
+    spec = default_spec("cnn_small", ("a", "b"), image_size=8)
     m = ServedModel("m", None, None, spec)
     asked = ["pytorch", "torchscript", "onnx_fp32", "onnx_int8"]
     preds = run_backends(FakeRunners(), m, asked, np.zeros((1, 3, 8, 8), np.float32), 1)

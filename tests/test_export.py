@@ -92,10 +92,9 @@ def test_uint8_embedded_preprocessing_matches(run_dir):
 
 @pytest.mark.parametrize("name", ["cnn_small", "efficientnet_lite0", "resnet18", "mobilenet_v2"])
 def test_dynamic_batch_survives_simplification(tmp_path, name):
-    from core.models import create_model
-    from core.spec import ModelSpec
+    from core.models import create_model, default_spec
 
-    spec = ModelSpec(name, ("a", "b", "c"), 33, 33, "squash")  # odd size: exercises asymmetric padding
+    spec = default_spec(name, ("a", "b", "c"), image_size=33, crop="squash")  # odd size: exercises asymmetric padding
     model = create_model(name, 3, 3, 33).eval()
     raw = export_onnx(model, spec, tmp_path / "raw.onnx")
     x = np.random.default_rng(0).normal(size=(8, 3, 33, 33)).astype(np.float32)
@@ -314,12 +313,11 @@ def test_benchmark_counts_multiply_adds_and_has_a_gemm_yardstick():
 
 
 def test_onnx_without_spec_and_escaping_external_data(tmp_path):
-    from core.models import create_model
-    from core.spec import ModelSpec
+    from core.models import create_model, default_spec
 
     p = export_onnx(
         create_model("cnn_small", 2, 3, 16).eval(),
-        ModelSpec("cnn_small", ("a", "b"), 16, 16),
+        default_spec("cnn_small", ("a", "b"), image_size=16),
         tmp_path / "plain.onnx",
     )
     with pytest.raises(UserError, match="no 'model_spec' metadata"):

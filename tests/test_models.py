@@ -2,7 +2,7 @@ import pytest
 import torch
 
 from core.errors import UserError
-from core.models import create_model, get_entry, model_from_spec
+from core.models import create_model, default_spec, get_entry, list_models, model_from_spec
 from core.spec import ModelSpec
 from tests.conftest import every_model
 
@@ -41,14 +41,9 @@ def test_input_below_minimum_is_refused():
 
 
 def test_spec_rebuild_gives_same_architecture():
-    spec = ModelSpec(
-        "efficientnet_lite0",
-        ("a", "b"),
-        32,
-        32,
-        "squash",
-        arch_kwargs={"head": "mlp", "dropout": 0.3, "hidden": 16, "taps": [2, 4], "pool": "meanmax"},
-    )
+    spec = default_spec(
+        "efficientnet_lite0", ("a", "b"), image_size=32, crop="squash", head="mlp", dropout=0.3, hidden=16
+    ).replace(arch_kwargs={"head": "mlp", "dropout": 0.3, "hidden": 16, "taps": [2, 4], "pool": "meanmax"})
     a = model_from_spec(spec)
     b = model_from_spec(spec)
     b.load_state_dict(a.state_dict())
@@ -65,7 +60,8 @@ def test_pretrained_lite0_recognises_sample_images():
     from core.preprocess import preprocess
 
     cats = ResNet18_Weights.DEFAULT.meta["categories"]
-    spec = ModelSpec("efficientnet_lite0", tuple(cats), 224, 256, mean=(0.5,) * 3, std=(0.5,) * 3)
+    spec = default_spec("efficientnet_lite0", cats, weights="imagenet")
+    assert (spec.image_size, spec.resize_size, spec.mean, spec.crop) == (224, 256, (0.5,) * 3, "center")
     model = create_model("efficientnet_lite0", 1000, weights="imagenet").eval()
     images = dict(
         zip(
@@ -107,7 +103,7 @@ def test_onnx_and_torchscript_parity_every_model(name, tmp_path):
     entry = get_entry(arch)
     size = 32 if arch == "mixer_s16" else max(32, entry.min_size)
     model = create_model(arch, 3, 3, size).eval()
-    spec = ModelSpec(arch, ("a", "b", "c"), size, size, "squash")
+    spec = default_spec(arch, ("a", "b", "c"), image_size=size, crop="squash")
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x).numpy()
@@ -148,9 +144,7 @@ def test_spec_round_trip_rebuilds_every_model(name):
     arch = PARITY_STANDIN.get(name, name)
     entry = get_entry(arch)
     size = 32 if arch == "mixer_s16" else max(32, entry.min_size)
-    spec = ModelSpec(
-        arch, ("a", "b"), size, size, "squash", arch_kwargs={"head": "linear", "dropout": 0.1, "hidden": 8}
-    )
+    spec = default_spec(arch, ("a", "b"), image_size=size, crop="squash", dropout=0.1, hidden=8)
     a = model_from_spec(ModelSpec.from_json(spec.to_json())).eval()
     b = model_from_spec(spec).eval()
     b.load_state_dict(a.state_dict())
@@ -167,3 +161,43 @@ def test_summary_cli_prints_params_and_macs(capsys):
     out = capsys.readouterr().out
     assert "params 0.8" in out and "MACs" in out and "fp32 size" in out
     assert run_cli(summary.main, ["--model", "nope"]) == 2
+
+
+@pytest.mark.parametrize("name", list_models())
+def test_every_registry_entry_builds_a_complete_spec(name):
+    """Every spec comes from the entry's own defaults, through one function, and states its normalisation."""
+    entry = get_entry(name)
+    pre = entry.preprocessing()
+    spec = default_spec(name, ("a", "b"))
+    assert (spec.image_size, spec.resize_size, spec.interpolation) == (
+        pre["size"],
+        pre["resize_size"],
+        pre["interpolation"],
+    )
+    assert spec.mean == tuple(pre["mean"]) and spec.std == tuple(pre["std"]) and len(spec.mean) == 3
+    assert ModelSpec.from_json(spec.to_json()) == spec
+    small = default_spec(name, ("a", "b"), image_size=2 * pre["size"])  # another size keeps the crop ratio
+    assert small.resize_size == round(2 * pre["resize_size"])
+
+
+def test_torchvision_entries_record_what_their_weights_declare():
+    import torchvision
+
+    for name in ("efficientnet_b0", "inception_v3", "resnet50"):
+        t = torchvision.models.get_model_weights(name).DEFAULT.transforms()
+        spec = default_spec(name, ("a", "b"), weights="DEFAULT")
+        assert spec.interpolation == t.interpolation.value and spec.image_size == t.crop_size[0]
+        assert spec.resize_size == t.resize_size[0] and spec.mean == tuple(t.mean)
+    assert default_spec("efficientnet_b0", ("a", "b")).interpolation == "bicubic"  # was recorded as bilinear
+
+
+def test_spec_defaults_follow_data_and_mode():
+    lite = default_spec("efficientnet_lite0", ("a", "b"), weights="imagenet", transfer=True, native_size=300, gray=True)
+    assert (lite.image_size, lite.resize_size, lite.crop, lite.color) == (300, 300, "squash", "gray3")
+    assert lite.arch_kwargs["taps"] == [2, 4, 7, 10, 14] and lite.arch_kwargs["pool"] == "meanmax"
+    scratch = default_spec("cnn_small", ("a", "b"), native_size=8, gray=True)
+    assert scratch.color == "gray" and scratch.mean == (0.5,) and scratch.image_size == 8
+    with pytest.raises(TypeError):
+        ModelSpec("cnn_small", ("a", "b"), image_size=32, resize_size=32)  # no silent ImageNet mean/std
+    with pytest.raises(UserError, match="lacks mean, std"):
+        ModelSpec.from_dict({"arch": "cnn_small", "class_names": ["a"], "image_size": 8, "resize_size": 8})

@@ -16,11 +16,18 @@ IMAGES = {
     "gray": Image.fromarray(rng.integers(0, 256, (64, 64), dtype=np.uint8)),
     "square": Image.fromarray(rng.integers(0, 256, (256, 256, 3), dtype=np.uint8)),
 }
+IN_MEAN, IN_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
 SPECS = {
-    "center-bilinear-rgb": ModelSpec("m", ("a", "b"), 32, 37),
-    "center-bicubic-rgb": ModelSpec("m", ("a", "b"), 48, 55, interpolation="bicubic"),
-    "squash-gray3": ModelSpec("m", ("a", "b"), 40, 40, "squash", mean=(0.5,) * 3, std=(0.5,) * 3, color="gray3"),
-    "squash-gray": ModelSpec("m", ("a", "b"), 24, 24, "squash", mean=(0.4,), std=(0.2,), color="gray"),
+    "center-bilinear-rgb": ModelSpec("m", ("a", "b"), image_size=32, resize_size=37, mean=IN_MEAN, std=IN_STD),
+    "center-bicubic-rgb": ModelSpec(
+        "m", ("a", "b"), image_size=48, resize_size=55, mean=IN_MEAN, std=IN_STD, interpolation="bicubic"
+    ),
+    "squash-gray3": ModelSpec(
+        "m", ("a", "b"), image_size=40, resize_size=40, mean=(0.5,) * 3, std=(0.5,) * 3, crop="squash", color="gray3"
+    ),
+    "squash-gray": ModelSpec(
+        "m", ("a", "b"), image_size=24, resize_size=24, mean=(0.4,), std=(0.2,), crop="squash", color="gray"
+    ),
 }
 
 

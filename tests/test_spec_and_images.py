@@ -11,7 +11,8 @@ from core.spec import ModelSpec
 
 
 def spec(**kw) -> ModelSpec:
-    return ModelSpec("cnn_small", ("a", "b"), **kw)
+    base = {"image_size": 32, "resize_size": 36, "mean": (0.5,) * 3, "std": (0.5,) * 3}
+    return ModelSpec("cnn_small", ("a", "b"), **{**base, **kw})
 
 
 def test_spec_json_round_trip():
@@ -36,7 +37,7 @@ def test_spec_rejects_invalid(bad):
 
 def test_spec_rejects_duplicate_classes_and_garbage_json():
     with pytest.raises(UserError):
-        ModelSpec("x", ("a", "a"))
+        ModelSpec("x", ("a", "a"), image_size=8, resize_size=8, mean=(0.5,) * 3, std=(0.5,) * 3)
     with pytest.raises(UserError, match="not valid JSON"):
         ModelSpec.from_json("{nope")
 

@@ -308,7 +308,9 @@ def test_feature_cache_key_changes_with_every_option_that_changes_the_arrays(tin
 
     split = load_source(str(tiny_folder)).train
     kw = {"head": "linear", "dropout": None, "hidden": 256, "taps": [], "pool": "mean"}
-    spec = ModelSpec("efficientnet_lite0", CLASSES, 32, 32, "squash", "bilinear", (0.5,) * 3, (0.5,) * 3, "rgb", kw)
+    spec = ModelSpec(
+        "efficientnet_lite0", CLASSES, image_size=32, resize_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, crop="squash"
+    ).replace(arch_kwargs=kw)
     base = cache_key(spec, "imagenet", split)
     assert cache_key(spec, "imagenet", split, views=8) != base
     assert cache_key(spec, "imagenet", split, stop=12) != base != cache_key(spec, "imagenet", split, stop=13)

@@ -63,9 +63,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--pool", choices=("auto", "mean", "meanmax"), default="auto")
     g = p.add_argument_group("preprocessing (recorded in the model spec)")
     g.add_argument("--image-size", type=int, help="network input side (default per model/data)")
-    g.add_argument("--resize-size", type=int, help="shorter side before center crop (default size/0.875)")
+    g.add_argument("--resize-size", type=int, help="shorter side before center crop (default: the model's ratio)")
     g.add_argument("--crop", choices=CROP_MODES, help="default: squash for square built-in data, else center")
-    g.add_argument("--interpolation", choices=INTERPOLATIONS, default="bilinear")
+    g.add_argument("--interpolation", choices=INTERPOLATIONS, help="default: what the model's weights declare")
     g.add_argument("--color", choices=COLOR_MODES, help="default: rgb, or gray3/gray for grayscale data")
     g.add_argument("--augment", choices=AUGMENTATIONS, default="none")
     g.add_argument(

@@ -12,14 +12,13 @@ from __future__ import annotations
 import argparse
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch.nn.parallel import DistributedDataParallel as DDP
 
 from core.atomic import remove_stale_temps
 from core.checkpoint import Checkpoint, save_checkpoint
 from core.errors import UserError, run_cli
-from core.models import ModelEntry, arch_kwargs_for_spec, create_model, get_entry
+from core.models import ModelEntry, create_model, default_spec, get_entry
 from core.models.classifier import init_weights
 from core.models.efficientnet_lite import freeze_prefix
 from core.spec import ModelSpec
@@ -41,7 +40,6 @@ from training.recorder import EpochRecorder, vars_json
 from training.report import format_report
 from training.runs import ARTIFACTS, RUNS, new_run_dir, point_latest, write_json
 
-LITE_TRANSFER_TAPS = (2, 4, 7, 10, 14)  # ends of stages 2-6: texture statistics at every scale
 # Options that define the model or data; a resumed run must keep them.
 RESUME_LOCKED = (
     "data",
@@ -66,29 +64,26 @@ RESUME_LOCKED = (
 )
 
 
-def build_spec(args: argparse.Namespace, source: DataSource, entry: ModelEntry, weights: str | None) -> ModelSpec:
-    native = source.native_size if source.native_size and source.native_size >= entry.min_size else None
-    size = args.image_size or native or entry.default_size
-    crop = args.crop or ("squash" if source.native_size else "center")
-    color = args.color or (("gray3" if weights else "gray") if source.gray else "rgb")
-    mean, std = entry.mean, entry.std
-    if color == "gray":
-        mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
-    lite = entry.family == "efficientnet_lite"
-    taps = (
-        (LITE_TRANSFER_TAPS if lite and args.mode == "transfer" else ())
-        if args.taps == "auto"
-        else ()
-        if args.taps == "none"
-        else tuple(int(t) for t in args.taps.split(","))
-    )
-    pool = args.pool if args.pool != "auto" else ("meanmax" if lite and args.mode == "transfer" else "mean")
-    kw = arch_kwargs_for_spec(
-        args.head, args.dropout, args.hidden, **({"taps": list(taps), "pool": pool} if lite else {})
-    )
-    resize = size if crop == "squash" else (args.resize_size or round(size / 0.875))
-    return ModelSpec(
-        args.model, tuple(source.class_names), size, resize, crop, args.interpolation, mean, std, color, kw
+def build_spec(args: argparse.Namespace, source: DataSource, weights: str | None) -> ModelSpec:
+    """The run's spec: the registry defaults (core.models.default_spec), what the data says, then the flags."""
+    taps = None if args.taps == "auto" else () if args.taps == "none" else tuple(int(t) for t in args.taps.split(","))
+    return default_spec(
+        args.model,
+        source.class_names,
+        weights=weights,
+        transfer=args.mode == "transfer",
+        image_size=args.image_size,
+        native_size=source.native_size,
+        resize_size=args.resize_size,
+        crop=args.crop,
+        interpolation=args.interpolation,
+        color=args.color,
+        gray=source.gray,
+        head=args.head,
+        dropout=args.dropout,
+        hidden=args.hidden,
+        taps=taps,
+        pool=None if args.pool == "auto" else args.pool,
     )
 
 
@@ -304,7 +299,7 @@ def train(args: argparse.Namespace, d: Dist, device: torch.device) -> int:
     weights = resolve_weights(args, entry)
     source = load_source(args.data, args.val_split, args.elpv_task, args.data_dir)
     health = data_check(args, d)
-    spec = build_spec(args, source, entry, weights)
+    spec = build_spec(args, source, weights)
     model = create_model(
         args.model,
         spec.num_classes,

@@ -11,33 +11,62 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
+import numpy as np
 from torch import nn
 
 from core.errors import UserError
 from core.models import simple
 from core.models.classifier import HEADS, ImageClassifier, make_head
 from core.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite
-from core.models.pretrained import LITE0_WEIGHTS, lite0_imagenet_state_dict, load_state_dict_file
+from core.models.pretrained import (
+    LITE0_WEIGHTS,
+    lite0_imagenet_state_dict,
+    load_state_dict_file,
+    torchvision_preprocessing,
+)
 from core.models.tv import torchvision_backbone
 from core.models.zoo import ZOO
 from core.spec import ModelSpec
 
 IMAGENET_MEAN, IMAGENET_STD = (0.485, 0.456, 0.406), (0.229, 0.224, 0.225)
+LITE_TRANSFER_TAPS = (2, 4, 7, 10, 14)  # ends of stages 2-6: texture statistics at every scale
 # A builder: (in_channels, image_size, weights, **arch_kwargs) -> (backbone, num_features, pretrained head sd)
 Builder = Callable[..., tuple[nn.Module, int, dict | None]]
 
 
 @dataclass(frozen=True)
 class ModelEntry:
+    """A registered architecture with its complete preprocessing defaults (timm's pretrained_cfg, torchvision's
+    weight enums): every spec is built from them by `default_spec`. Torchvision entries read theirs from the
+    DEFAULT weights' `transforms()` (`from_weights`), so a finetune records what the weights were trained with."""
+
     name: str
     build: Builder
-    default_size: int = 224
-    min_size: int = 32
-    mean: tuple[float, ...] = IMAGENET_MEAN
-    std: tuple[float, ...] = IMAGENET_STD
+    default_size: int
+    min_size: int
+    mean: tuple[float, ...]
+    std: tuple[float, ...]
     default_weights: str | None = None  # what finetune/transfer use when --weights is not given
     family: str = "torchvision"
     extra: dict[str, Any] = field(default_factory=dict)
+    resize_size: int | None = None  # shorter side before a center crop at default_size (None: size / 0.875)
+    interpolation: str = "bilinear"
+    transfer_taps: tuple[int, ...] = ()  # extra pooled feature blocks in transfer mode (EfficientNet-Lite)
+    transfer_pool: str = "mean"  # pooling in transfer mode
+    from_weights: bool = False  # fill size/resize/interpolation/mean/std from torchvision's DEFAULT weights
+
+    def preprocessing(self) -> dict[str, Any]:
+        """size, resize_size, interpolation, mean, std: the defaults a spec of this model starts from."""
+        if self.from_weights:
+            return torchvision_preprocessing(self.name)
+        resize = self.resize_size or round(self.default_size / 0.875)
+        return {
+            "size": self.default_size,
+            "resize_size": resize,
+            "interpolation": self.interpolation,
+            "mean": self.mean,
+            "std": self.std,
+        }
 
 
 _REGISTRY: dict[str, ModelEntry] = {}
@@ -115,6 +144,8 @@ for _name, (_w, _d, _res, _drop) in LITE_VARIANTS.items():
             LITE0_WEIGHTS if _name == "efficientnet_lite0" else None,
             "efficientnet_lite",
             {"dropout": _drop},
+            transfer_taps=LITE_TRANSFER_TAPS,
+            transfer_pool="meanmax",
         )
     )
 for _name, _fn in (
@@ -133,7 +164,8 @@ _ZOO_SIZES = {
     "darknet53": 256,
 }
 for _name, (_fn, _min) in ZOO.items():
-    register(ModelEntry(_name, _simple(_fn), _ZOO_SIZES.get(_name, 32), _min, family="zoo"))
+    size = _ZOO_SIZES.get(_name, 32)
+    register(ModelEntry(_name, _simple(_fn), size, _min, IMAGENET_MEAN, IMAGENET_STD, family="zoo"))
 for _name, _min in (
     ("resnet18", 32),
     ("resnet34", 32),
@@ -163,9 +195,12 @@ for _name, _min in (
             _tv(_name),
             299 if _name == "inception_v3" else 224,
             _min,
+            IMAGENET_MEAN,
+            IMAGENET_STD,
             default_weights="DEFAULT",
-            extra={"fixed_size": _name == "vit_b_16"},
-        )  # ViT's position embeddings fix its input size
+            extra={"fixed_size": _name == "vit_b_16"},  # ViT's position embeddings fix its input size
+            from_weights=True,
+        )
     )
 
 
@@ -207,6 +242,58 @@ def create_model(
 def arch_kwargs_for_spec(head: str, dropout: float | None, hidden: int, **arch_kwargs: Any) -> dict[str, Any]:
     """What the spec records so the exact module tree can be rebuilt without pretrained weights."""
     return {"head": head, "dropout": dropout, "hidden": hidden, **arch_kwargs}
+
+
+def default_spec(
+    model: str,
+    class_names: tuple[str, ...] | list[str],
+    *,
+    weights: str | None = None,
+    transfer: bool = False,
+    image_size: int | None = None,
+    native_size: int | None = None,
+    resize_size: int | None = None,
+    crop: str | None = None,
+    interpolation: str | None = None,
+    color: str | None = None,
+    gray: bool = False,
+    head: str = "linear",
+    dropout: float | None = None,
+    hidden: int = 256,
+    taps: tuple[int, ...] | None = None,
+    pool: str | None = None,
+) -> ModelSpec:
+    """The one way a spec is built: the registry entry's preprocessing defaults, then what the data says
+    (`native_size`: square images of that side, squashed rather than cropped; `gray`: grayscale data), then
+    explicit choices (None = default). A center crop at another size keeps the entry's resize/crop ratio."""
+    entry = get_entry(model)
+    pre = entry.preprocessing()
+    native = native_size if native_size and native_size >= entry.min_size else None
+    size = image_size or native or pre["size"]
+    crop = crop or ("squash" if native_size else "center")
+    color = color or (("gray3" if weights else "gray") if gray else "rgb")
+    mean, std = pre["mean"], pre["std"]
+    if color == "gray":
+        mean, std = (float(np.mean(mean)),), (float(np.mean(std)),)
+    ratio = pre["resize_size"] / pre["size"]
+    resize = size if crop == "squash" else resize_size or round(size * ratio)
+    lite = entry.family == "efficientnet_lite"
+    if taps is None:
+        taps = entry.transfer_taps if transfer else ()
+    pool = pool or (entry.transfer_pool if transfer else "mean")
+    kw = arch_kwargs_for_spec(head, dropout, hidden, **({"taps": list(taps), "pool": pool} if lite else {}))
+    return ModelSpec(
+        model,
+        tuple(class_names),
+        image_size=size,
+        resize_size=resize,
+        mean=mean,
+        std=std,
+        crop=crop,
+        interpolation=interpolation or pre["interpolation"],
+        color=color,
+        arch_kwargs=kw,
+    )
 
 
 def model_from_spec(spec: ModelSpec) -> ImageClassifier:

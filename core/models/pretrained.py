@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import socket
 from pathlib import Path
+from typing import Any
 from urllib.parse import urlparse
 
 import torch
@@ -67,3 +68,18 @@ def torchvision_state_dict(arch: str, weights: str) -> dict[str, torch.Tensor]:
         ) from None
     finally:
         socket.setdefaulttimeout(old)
+
+
+def torchvision_preprocessing(arch: str) -> dict[str, Any]:
+    """What torchvision's DEFAULT weights of `arch` declare (`weights.transforms()`: crop and resize size,
+    interpolation, mean/std); the enums ship with torchvision, so this works offline."""
+    import torchvision
+
+    t = torchvision.models.get_model_weights(arch).DEFAULT.transforms()
+    return {
+        "size": int(t.crop_size[0]),
+        "resize_size": int(t.resize_size[0]),
+        "interpolation": str(t.interpolation.value),
+        "mean": tuple(float(m) for m in t.mean),
+        "std": tuple(float(s) for s in t.std),
+    }
