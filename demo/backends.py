@@ -20,8 +20,13 @@ from core.preprocess import model_view, normalize
 from core.spec import ModelSpec
 from export.runtime import OnnxClassifier, top_k
 
-BACKENDS = ("pytorch", "torchscript", "onnx_fp32", "onnx_int8")
-FILES = {"torchscript": "model.pt", "onnx_fp32": "model.onnx", "onnx_int8": "model.int8.onnx"}
+BACKENDS = ("pytorch", "torchscript", "onnx_fp32", "onnx_int8", "executorch")
+FILES = {
+    "torchscript": "model.pt",
+    "onnx_fp32": "model.onnx",
+    "onnx_int8": "model.int8.onnx",
+    "executorch": "model.pte",
+}
 
 
 @dataclass
@@ -109,6 +114,10 @@ class Runners:
         if backend.startswith("onnx"):
             clf = OnnxClassifier(path, self.threads, spec=m.spec, idle_spin=False)
             return clf.logits
+        if backend == "executorch":
+            from export.to_executorch import pte_runner
+
+            return pte_runner(path)
         import torch
 
         from export.validate import torch_runner
@@ -145,7 +154,7 @@ def timing_order(backends: list[str]) -> list[str]:
     """ONNX Runtime backends first, then the PyTorch ones. After a PyTorch call its OpenMP threads keep spinning for
     a while and the next ONNX Runtime call measured up to 2-3x slower; the other way round is clean because the
     demo's ONNX Runtime sessions stop spinning when a run returns. Each backend's time is its own."""
-    return sorted(backends, key=lambda b: not b.startswith("onnx"))
+    return sorted(backends, key=lambda b: 0 if b.startswith("onnx") else 1 if b == "executorch" else 2)
 
 
 def run_backends(runners: Runners, m: ServedModel, backends: list[str], x: np.ndarray, k: int) -> list[Prediction]:
@@ -190,6 +199,10 @@ def served_from_path(p: Path) -> ServedModel:
     if p.suffix in (".onnx",):
         clf = OnnxClassifier(p)
         return ServedModel(p.stem, None, None, clf.spec, onnx_only=p)
+    if p.suffix == ".pte":
+        from export.to_executorch import read_pte_spec
+
+        return ServedModel(p.stem, None, p.parent, read_pte_spec(p))
     if p.suffix in (".pt", ".ptl") and p.name.startswith("model"):
         from export.to_torchscript import load_torchscript
 

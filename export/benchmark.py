@@ -23,7 +23,7 @@ import torch
 
 from core.errors import run_cli
 from core.memory import in_use_mb
-from export.common import exported
+from export.common import exported, format_label
 from export.quantize import THROUGHPUT_BATCH, batch_throughput
 from export.runtime import session_options
 from export.validate import cycled_logits, runner, torch_runner
@@ -178,7 +178,8 @@ def table(rows: list[dict]) -> str:
     for r in rows:
         flops = f"{r['gflops_b1']:.0f} / {r['gflops_b32']:.0f}" if r.get("gflops_b1") else "-"
         lines.append(
-            f"| {r['format']} | {r['file']} | {r['size_mb']:.2f} | {r['accuracy']:.2f} % | {r['p50_ms']:.2f} | "
+            f"| {format_label(r['format'])} | {r['file']} | {r['size_mb']:.2f} | {r['accuracy']:.2f} % | "
+            f"{r['p50_ms']:.2f} | "
             f"{r['p95_ms']:.2f} | {eager['p50_ms'] / r['p50_ms']:.2f}x | {r['img_per_s']:.1f} | "
             f"{r['img_per_s'] / base['img_per_s']:.2f}x | {flops} | {r['peak_mem_growth_mb']:.0f} |"
         )

@@ -27,8 +27,15 @@ EXPORT_FILES = {  # artifact name -> file in the export folder
     "ort_int8": "model.int8.ort",
     "torchscript": "model.pt",
     "torchscript_mobile": "model.ptl",
+    "executorch": "model.pte",
 }
+LEGACY = {"torchscript_mobile": "legacy: PyTorch Mobile, unmaintained upstream (ExecuTorch replaces it)"}
 INT8 = {"onnx_int8", "ort_int8"}
+
+
+def format_label(name: str) -> str:
+    """The artifact's name as tables show it: legacy formats say so."""
+    return f"{name} ({LEGACY[name]})" if name in LEGACY else name
 
 
 def existing_artifacts(d: Path) -> dict[str, Path]:

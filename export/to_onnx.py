@@ -19,6 +19,7 @@ from export import onnx_io, quantize, validate
 from export.benchmark import benchmark, write_outputs
 from export.common import INT8, data_for, default_checkpoint, existing_artifacts, output_dir, selection_for
 from export.gates import budget_from
+from export.to_executorch import export_executorch
 from export.to_torchscript import export_torchscript
 from training.runs import write_json
 
@@ -37,7 +38,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-images", type=int, default=300, help="held-out images for validation (0 = all)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every runtime")
-    for flag in ("simplify", "int8", "ort", "torchscript", "validate", "benchmark"):
+    for flag in ("simplify", "int8", "ort", "torchscript", "executorch", "validate", "benchmark"):
         p.add_argument(f"--no-{flag}", action="store_true", help=f"skip the {flag} step")
     quantize.add_budget_args(p)
     return p
@@ -132,6 +133,9 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_torchscript:
         export_torchscript(model, ck, out)
     stages.done("ort+torchscript")
+    if not args.no_executorch:
+        summary["executorch"] = export_executorch(model, ck, out / "model.pte")
+        stages.done("executorch")
     paths = existing_artifacts(out)
     ok, known = True, {}
     if not args.no_validate:

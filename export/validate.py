@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from core.errors import run_cli
-from export.common import INT8, Images, exported
+from export.common import INT8, Images, exported, format_label
 from export.gates import Budget, add_budget_flags, budget_from, compare, fits
 from export.quantize import THROUGHPUT_BATCH
 from export.runtime import make_session
@@ -35,6 +35,11 @@ def runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
         sess = make_session(path, threads)
         name = sess.get_inputs()[0].name
         return lambda x: sess.run(None, {name: x})[0]
+    if path.suffix == ".pte":
+        from export.to_executorch import pte_runner, read_pte_spec
+
+        read_pte_spec(path)  # a program without our spec is refused here, in one line
+        return pte_runner(path)
     from export.to_torchscript import load_torchscript
 
     module, _ = load_torchscript(path)
@@ -154,7 +159,7 @@ def report_markdown(rep: dict) -> str:
     ]
     for r in rep["artifacts"]:
         lines.append(
-            f"| {r['artifact']} | {r['file']} | {r['size_mb']:.2f} | {r['max_abs_diff']:.2e} | "
+            f"| {format_label(r['artifact'])} | {r['file']} | {r['size_mb']:.2f} | {r['max_abs_diff']:.2e} | "
             f"{r['agreement']:.2f} % | {r['accuracy']:.2f} % | {-r['drop']:+.2f} | {r['gate']} | "
             f"{'PASS' if r['passed'] else 'FAIL'} |"
         )

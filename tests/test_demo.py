@@ -48,7 +48,7 @@ def images(run: Path) -> list[Path]:
     return sorted((run.parent.parent.parent / "data").rglob("*.png"))
 
 
-ALL = ["pytorch", "torchscript", "onnx_fp32", "onnx_int8"]
+ALL = ["pytorch", "torchscript", "onnx_fp32", "onnx_int8", "executorch"]
 
 
 @pytest.mark.slow  # a real server process
@@ -62,7 +62,7 @@ def test_api_predict_every_backend(client, server):
         assert [r[0] for r in rows] == ALL
         assert all(r[1] in CLASSES and r[3] >= 0 and r[4] > 0 for r in rows)  # preprocess ms, inference ms
         fp32 = {r[0]: r[1] for r in rows}
-        assert fp32["pytorch"] == fp32["onnx_fp32"] == fp32["torchscript"]
+        assert fp32["pytorch"] == fp32["onnx_fp32"] == fp32["torchscript"] == fp32["executorch"]
         tops = {r[0]: r[1] for r in rows}
         if len(set(tops.values())) == 1:  # the badge states what the table shows
             assert badge.startswith(f"✅ all backends agree on **{rows[0][1]}**")
@@ -208,12 +208,15 @@ def test_browser_upload_classify_and_compare(server):
         page.locator("#compare-go").click()
         # gradio puts elem_classes on a wrapper and on the inner element: count the innermost ones
         inner = "[...document.querySelectorAll('.compare-time')].filter(e => !e.querySelector('.compare-time'))"
-        page.wait_for_function(f"() => {inner}.filter(e => /inference/.test(e.innerText)).length === 4", timeout=30_000)
+        from demo.backends import BACKENDS
+
+        shown = f"() => {inner}.filter(e => /inference/.test(e.innerText)).length === {len(BACKENDS)}"
+        page.wait_for_function(shown, timeout=30_000)
         labels = page.evaluate(
             "() => [...document.querySelectorAll('.compare-label')]"
             ".filter(e => !e.querySelector('.compare-label')).map(e => e.innerText)"
         )
-        assert len(labels) == 4 and all(any(c in t for c in CLASSES) for t in labels)
+        assert len(labels) == len(BACKENDS) and all(any(c in t for c in CLASSES) for t in labels)
         page.screenshot(path=str(shots / "compare.png"), full_page=True)
         browser.close()
 

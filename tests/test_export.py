@@ -32,9 +32,9 @@ def test_one_shot_export_validates_every_artifact(exported_run):
     out = run_dir / "export"
     rep = json.loads((out / "report.json").read_text())
     names = {r["artifact"] for r in rep["artifacts"]}
-    assert {"onnx_fp32", "onnx_int8", "ort_int8", "torchscript", "torchscript_mobile"} <= names
+    assert {"onnx_fp32", "onnx_int8", "ort_int8", "torchscript", "torchscript_mobile", "executorch"} <= names
     for r in rep["artifacts"]:
-        if r["artifact"] in ("onnx_fp32", "torchscript", "torchscript_mobile"):
+        if r["artifact"] in ("onnx_fp32", "torchscript", "torchscript_mobile", "executorch"):
             assert r["agreement"] == 100.0 and r["max_abs_diff"] <= 1e-4 and r["passed"]
     assert rep["passed"] and (out / "report.md").is_file() and (out / "benchmark.md").is_file()
     q = json.loads((out / "quantization.json").read_text())
@@ -44,7 +44,8 @@ def test_one_shot_export_validates_every_artifact(exported_run):
     assert (out / "model.int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
     summary = json.loads((out / "export.json").read_text())
     stages = summary["stage_seconds"]
-    assert set(stages) == {"load", "onnx", "int8 search", "ort+torchscript", "validate", "benchmark"}
+    assert set(stages) == {"load", "onnx", "int8 search", "ort+torchscript", "executorch", "validate", "benchmark"}
+    assert summary["executorch"] == {"dynamic_batch": False, "max_batch": 1, "portable_ops": []}
     assert 0 < sum(stages.values()) <= summary["seconds"] + 1  # each rounded to 0.1 s
     bench = json.loads((out / "benchmark.json").read_text())["rows"]
     acc = {r["artifact"]: r["accuracy"] for r in rep["artifacts"]} | {"pytorch": rep["pytorch_accuracy"]}
@@ -52,8 +53,10 @@ def test_one_shot_export_validates_every_artifact(exported_run):
         assert row["accuracy"] == acc[row["format"]]  # the benchmark reports what validation measured
         assert row["img_per_s"] > 0 and row["img_per_s_from"] in ("validation", "benchmark")
         assert row["p50_ms"] > 0 and row["peak_mem_growth_mb"] >= 0
-    table = [line for line in (out / "report.md").read_text().splitlines() if line.startswith("|")]
-    assert len({line.count("|") for line in table}) == 1, table  # no cell text breaks the table
+    for md in ("report.md", "benchmark.md"):
+        table = [line for line in (out / md).read_text().splitlines() if line.startswith("|")]
+        assert len({line.count("|") for line in table}) == 1, table  # no cell text breaks the table
+        assert "torchscript_mobile (legacy: PyTorch Mobile, unmaintained upstream" in (out / md).read_text()
 
 
 def test_spec_survives_onnx_and_torchscript(run_dir):
