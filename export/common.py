@@ -29,7 +29,7 @@ EXPORT_FILES = {  # artifact name -> file in the export folder
     "torchscript_mobile": "model.ptl",
     "executorch": "model.pte",
 }
-LEGACY = {"torchscript_mobile": "legacy: PyTorch Mobile, unmaintained upstream (ExecuTorch replaces it)"}
+LEGACY = {"torchscript_mobile": "legacy: PyTorch Mobile, unmaintained upstream; ExecuTorch replaces it"}
 INT8 = {"onnx_int8", "ort_int8"}
 
 

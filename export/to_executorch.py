@@ -54,7 +54,7 @@ def not_delegated(edge) -> list[str]:
     ops = set()
     for node in edge.exported_program().graph.nodes:
         if node.op == "call_function" and "executorch_call_delegate" not in str(node.target):
-            name = str(node.target)
+            name = getattr(node.target, "__name__", str(node.target))
             if not name.startswith(("<built-in", "getitem")) and "getitem" not in name:
                 ops.add(name)
     return sorted(ops)
