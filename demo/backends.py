@@ -20,12 +20,13 @@ from core.preprocess import model_view, normalize
 from core.spec import ModelSpec
 from export.runtime import OnnxClassifier, top_k
 
-BACKENDS = ("pytorch", "torchscript", "onnx_fp32", "onnx_int8", "executorch")
+BACKENDS = ("pytorch", "torchscript", "onnx_fp32", "onnx_int8", "executorch", "executorch_int8")
 FILES = {
     "torchscript": "model.pt",
     "onnx_fp32": "model.onnx",
     "onnx_int8": "model.int8.onnx",
     "executorch": "model.pte",
+    "executorch_int8": "model.int8.pte",
 }
 
 
@@ -114,7 +115,7 @@ class Runners:
         if backend.startswith("onnx"):
             clf = OnnxClassifier(path, self.threads, spec=m.spec, idle_spin=False)
             return clf.logits
-        if backend == "executorch":
+        if backend.startswith("executorch"):
             from export.to_executorch import pte_runner
 
             return pte_runner(path)
@@ -154,7 +155,7 @@ def timing_order(backends: list[str]) -> list[str]:
     """ONNX Runtime backends first, then the PyTorch ones. After a PyTorch call its OpenMP threads keep spinning for
     a while and the next ONNX Runtime call measured up to 2-3x slower; the other way round is clean because the
     demo's ONNX Runtime sessions stop spinning when a run returns. Each backend's time is its own."""
-    return sorted(backends, key=lambda b: 0 if b.startswith("onnx") else 1 if b == "executorch" else 2)
+    return sorted(backends, key=lambda b: 0 if b.startswith("onnx") else 1 if b.startswith("executorch") else 2)
 
 
 def run_backends(runners: Runners, m: ServedModel, backends: list[str], x: np.ndarray, k: int) -> list[Prediction]:

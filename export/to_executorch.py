@@ -62,19 +62,32 @@ def not_delegated(edge) -> list[str]:
 
 def export_executorch(model: torch.nn.Module, ck: Checkpoint, path: Path, max_batch: int = MAX_BATCH) -> dict:
     """Write `path` (.pte, fp32, XNNPACK); returns {dynamic_batch, portable_ops}."""
+    program, dynamic = capture(model, ck.spec, max_batch)
+    buffer, portable = _lower(program, ck.spec)
+    _write(path, buffer)
+    if portable:
+        print(
+            f"note: {len(portable)} operator(s) not lowered to XNNPACK, run on portable kernels: {', '.join(portable)}"
+        )
+    return {"dynamic_batch": dynamic, "max_batch": max_batch if dynamic else 1, "portable_ops": portable}
+
+
+def _lower(program, spec: ModelSpec) -> tuple[bytes, list[str]]:
     from executorch.backends.xnnpack.partition.xnnpack_partitioner import XnnpackPartitioner
     from executorch.exir import to_edge_transform_and_lower
 
-    program, dynamic = capture(model, ck.spec, max_batch)
-    spec_bytes = torch.tensor(list(ck.spec.to_json().encode()), dtype=torch.uint8)
+    spec_bytes = torch.tensor(list(spec.to_json().encode()), dtype=torch.uint8)
     try:
         edge = to_edge_transform_and_lower(
             program, partitioner=[XnnpackPartitioner()], constant_methods={SPEC_METHOD: spec_bytes}
         )
-        portable = not_delegated(edge)
-        buffer = edge.to_executorch().buffer
-    except Exception as e:
-        raise UserError(f"ExecuTorch lowering of {ck.spec.arch} failed: {_first_line(e)}") from None
+        portable = not_delegated(edge)  # before to_executorch(), which rewrites the graph into out-variants
+        return edge.to_executorch().buffer, portable
+    except Exception as e:  # lowering errors come from many layers; the user gets one line
+        raise UserError(f"ExecuTorch lowering of {spec.arch} failed: {_first_line(e)}") from None
+
+
+def _write(path: Path, buffer: bytes) -> None:
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         tmp.write_bytes(buffer)
@@ -82,11 +95,62 @@ def export_executorch(model: torch.nn.Module, ck: Checkpoint, path: Path, max_ba
     except OSError as e:
         tmp.unlink(missing_ok=True)
         raise UserError(f"cannot write {path} ({e.strerror})") from None
-    if portable:
-        print(
-            f"note: {len(portable)} operator(s) not lowered to XNNPACK, run on portable kernels: {', '.join(portable)}"
-        )
-    return {"dynamic_batch": dynamic, "max_batch": max_batch if dynamic else 1, "portable_ops": portable}
+
+
+INT8_CALIB = 64  # calibration images for the pt2e observers (the XNNPACK quantizer's symmetric per-channel scheme)
+
+
+def quantize_executorch(
+    model: torch.nn.Module,
+    ck: Checkpoint,
+    path: Path,
+    calib: np.ndarray,
+    select_x: np.ndarray,
+    select_y: np.ndarray,
+    budget,
+) -> dict:
+    """INT8 .pte under the export's accuracy budget: pt2e with ExecuTorch's XNNPACK quantizer (symmetric INT8,
+    per-channel weights), calibrated on training images, judged on the validation images that choose ONNX INT8
+    (never on the test split). Written to `path` only if it fits; returns the candidate's figures either way."""
+    from executorch.backends.xnnpack.quantizer.xnnpack_quantizer import (
+        XNNPACKQuantizer,
+        get_symmetric_quantization_config,
+    )
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    from export.gates import compare, fits
+
+    path.unlink(missing_ok=True)  # never leave a stale INT8 program beside a new fp32 one
+    program, _ = capture(model, ck.spec, 1)
+    quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
+    try:
+        prepared = prepare_pt2e(program.module(), quantizer)
+        with torch.no_grad():
+            for i in range(min(len(calib), INT8_CALIB)):
+                prepared(torch.from_numpy(np.ascontiguousarray(calib[i : i + 1], np.float32)))
+        converted = convert_pt2e(prepared)
+        example = (torch.from_numpy(np.ascontiguousarray(calib[:1], np.float32)),)
+        buffer, _ = _lower(torch.export.export(converted, example), ck.spec)
+    except UserError:
+        raise
+    except Exception as e:  # the pt2e flow raises many types; the user gets one line
+        raise UserError(f"ExecuTorch INT8 quantization of {ck.spec.arch} failed: {_first_line(e)}") from None
+    tmp = path.with_name(f".{path.name}.candidate-{os.getpid()}")
+    _write(tmp, buffer)
+    try:
+        with torch.no_grad():
+            chunks = [select_x[i : i + 32] for i in range(0, len(select_x), 32)]
+            ref = np.concatenate([model(torch.from_numpy(np.ascontiguousarray(c, np.float32))).numpy() for c in chunks])
+        stats = compare(ref, pte_runner(tmp)(select_x), select_y)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    ok = fits(stats, budget)
+    if ok:
+        os.replace(tmp, path)
+    else:
+        tmp.unlink(missing_ok=True)
+    return {"config": "pt2e-XNNPACK-S8-pc", "fits": ok, "size_mb": len(buffer) / 2**20, **stats}
 
 
 def _program(path: Path):

@@ -19,7 +19,7 @@ from export import onnx_io, quantize, validate
 from export.benchmark import benchmark, write_outputs
 from export.common import INT8, data_for, default_checkpoint, existing_artifacts, output_dir, selection_for
 from export.gates import budget_from
-from export.to_executorch import export_executorch
+from export.to_executorch import export_executorch, quantize_executorch
 from export.to_torchscript import export_torchscript
 from training.runs import write_json
 
@@ -40,8 +40,24 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every runtime")
     for flag in ("simplify", "int8", "ort", "torchscript", "executorch", "validate", "benchmark"):
         p.add_argument(f"--no-{flag}", action="store_true", help=f"skip the {flag} step")
+    p.add_argument(
+        "--executorch-int8",
+        action="store_true",
+        help="also try model.int8.pte (pt2e, XNNPACK quantizer) under the same budget (~90 s for Lite0 at 300 px)",
+    )
     quantize.add_budget_args(p)
     return p
+
+
+def executorch_int8(model, ck, out: Path, calib, select, budget) -> dict:
+    """model.int8.pte under the same budget and on the same validation images as the ONNX INT8 search."""
+    r = quantize_executorch(model, ck, out / "model.int8.pte", calib, select.x, select.y, budget)
+    verdict = "written" if r["fits"] else "REFUSED (outside budget; model.pte, fp32, is the ExecuTorch artifact)"
+    print(
+        f"ExecuTorch INT8 ({r['config']}) on the validation images: agreement {r['agreement']:.2f} %, "
+        f"drop {r['drop']:+.2f} pt, worst class {r['worst_class_drop']:.2f} pt -> {verdict}"
+    )
+    return r
 
 
 def export_fp32(model, ck, ck_path: Path, out: Path, args, probe) -> tuple[Path, dict]:
@@ -135,6 +151,9 @@ def main(argv: list[str] | None = None) -> int:
     stages.done("ort+torchscript")
     if not args.no_executorch:
         summary["executorch"] = export_executorch(model, ck, out / "model.pte")
+        (out / "model.int8.pte").unlink(missing_ok=True)  # never a stale INT8 program beside a new fp32 one
+        if args.executorch_int8 and not args.no_int8:
+            summary["executorch_int8"] = executorch_int8(model, ck, out, calib.x, select[0], budget_from(args))
         stages.done("executorch")
     paths = existing_artifacts(out)
     ok, known = True, {}

@@ -148,6 +148,7 @@ def exported_run(trained_run: Path) -> Path:
                     "--max-class-drop",
                     "30",
                     "--embed-preprocessing",
+                    "--executorch-int8",
                 ],
             )
         finally:

@@ -48,7 +48,7 @@ def images(run: Path) -> list[Path]:
     return sorted((run.parent.parent.parent / "data").rglob("*.png"))
 
 
-ALL = ["pytorch", "torchscript", "onnx_fp32", "onnx_int8", "executorch"]
+ALL = ["pytorch", "torchscript", "onnx_fp32", "onnx_int8", "executorch", "executorch_int8"]
 
 
 @pytest.mark.slow  # a real server process

@@ -103,3 +103,29 @@ def test_cli_writes_the_program_and_refuses_bad_options(exported_run, tmp_path, 
         read_pte_spec(tmp_path / "model.pte").class_names
         == read_pte_spec(exported_run / "export/model.pte").class_names
     )
+
+
+def test_int8_pte_only_inside_the_budget_and_chosen_on_validation_images(exported_run, tmp_path, monkeypatch):
+    """Judged by the export's gates on the images it is given (the validation split in to_onnx.py); refused ->
+    nothing written, no candidate left behind; fits -> written, smaller, and its runner agrees with fp32."""
+    from core.checkpoint import load_model
+    from export import common, gates
+    from export.to_executorch import quantize_executorch
+
+    model, ck = load_model(exported_run / "best.pt")
+    calib, held, _ = common.data_for(ck, 8, 12)
+    strict = gates.Budget(max_drop=0.0, min_agreement=100.0, max_class_drop=0.0)
+    monkeypatch.setattr(gates, "fits", lambda stats, budget: False)  # a model no INT8 program can keep
+    refused = quantize_executorch(model, ck, tmp_path / "model.int8.pte", calib.x, held.x, held.y, strict)
+    assert not refused["fits"] and 0 <= refused["agreement"] <= 100
+    assert list(tmp_path.iterdir()) == []
+    monkeypatch.undo()
+    kept = quantize_executorch(
+        model, ck, tmp_path / "model.int8.pte", calib.x, held.x, held.y, gates.Budget(100, 0, 100)
+    )
+    assert kept["fits"] and [p.name for p in tmp_path.iterdir()] == ["model.int8.pte"]
+    assert read_pte_spec(tmp_path / "model.int8.pte") == ck.spec
+    with torch.no_grad():
+        ref = model(torch.from_numpy(held.x)).numpy()
+    agreement = 100 * (pte_runner(tmp_path / "model.int8.pte")(held.x).argmax(1) == ref.argmax(1)).mean()
+    assert agreement == pytest.approx(kept["agreement"])

@@ -33,6 +33,7 @@ def test_one_shot_export_validates_every_artifact(exported_run):
     rep = json.loads((out / "report.json").read_text())
     names = {r["artifact"] for r in rep["artifacts"]}
     assert {"onnx_fp32", "onnx_int8", "ort_int8", "torchscript", "torchscript_mobile", "executorch"} <= names
+    assert "executorch_int8" in names  # pt2e INT8 fits this toy model's relaxed budget on the validation images
     for r in rep["artifacts"]:
         if r["artifact"] in ("onnx_fp32", "torchscript", "torchscript_mobile", "executorch"):
             assert r["agreement"] == 100.0 and r["max_abs_diff"] <= 1e-4 and r["passed"]
@@ -46,6 +47,8 @@ def test_one_shot_export_validates_every_artifact(exported_run):
     stages = summary["stage_seconds"]
     assert set(stages) == {"load", "onnx", "int8 search", "ort+torchscript", "executorch", "validate", "benchmark"}
     assert summary["executorch"] == {"dynamic_batch": False, "max_batch": 1, "portable_ops": []}
+    assert summary["executorch_int8"]["fits"] and summary["executorch_int8"]["config"] == "pt2e-XNNPACK-S8-pc"
+    assert (out / "model.int8.pte").stat().st_size < (out / "model.pte").stat().st_size
     assert 0 < sum(stages.values()) <= summary["seconds"] + 1  # each rounded to 0.1 s
     bench = json.loads((out / "benchmark.json").read_text())["rows"]
     acc = {r["artifact"]: r["accuracy"] for r in rep["artifacts"]} | {"pytorch": rep["pytorch_accuracy"]}
