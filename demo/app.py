@@ -168,6 +168,8 @@ def not_served(m: ServedModel, backend: str) -> str:
     """Why a Compare column is empty: the INT8 search refused (with its best figures), or never exported."""
     if backend == "onnx_int8" and m.int8_refusal:
         return m.int8_refusal[0] + " (table in the Model card tab)"
+    if backend in m.phone_int8:
+        return m.phone_int8[backend]
     return "not exported"
 
 

@@ -20,13 +20,25 @@ from core.preprocess import model_view, normalize
 from core.spec import ModelSpec
 from export.runtime import OnnxClassifier, top_k
 
-BACKENDS = ("pytorch", "torchscript", "onnx_fp32", "onnx_int8", "executorch", "executorch_int8")
+BACKENDS = (
+    "pytorch",
+    "torchscript",
+    "onnx_fp32",
+    "onnx_int8",
+    "executorch",
+    "executorch_int8",
+    "litert",
+    "litert_int8",
+)
+PHONE = ("executorch", "litert")  # the phone runtimes, timed after ONNX Runtime
 FILES = {
     "torchscript": "model.pt",
     "onnx_fp32": "model.onnx",
     "onnx_int8": "model.int8.onnx",
     "executorch": "model.pte",
     "executorch_int8": "model.int8.pte",
+    "litert": "model.tflite",
+    "litert_int8": "model.int8.tflite",
 }
 
 
@@ -87,6 +99,26 @@ class ServedModel:
         )
         return line, table
 
+    @cached_property
+    def phone_int8(self) -> dict[str, str]:
+        """backend -> why an INT8 .pte/.tflite column is empty: the export judged it and refused it (with its
+        figures), or the export never tried (it is opt-in: each attempt costs a minute or more on a CPU)."""
+        try:
+            summary = json.loads((self.export_dir / "export.json").read_text()) if self.export_dir else {}
+        except (OSError, ValueError):
+            return {}
+        out = {}
+        for backend, flag in (("executorch_int8", "--executorch-int8"), ("litert_int8", "--litert-int8")):
+            r = summary.get(backend)
+            if isinstance(r, dict) and not r.get("fits") and "agreement" in r:
+                out[backend] = (
+                    f"INT8 refused: {r['agreement']:.1f} % top-1 agreement with fp32, {r['drop']:+.1f} pt "
+                    f"({r.get('config', '')}) on the validation images"
+                )
+            elif backend.split("_")[0] in summary and r is None:
+                out[backend] = f"not exported (opt-in: export/to_onnx.py {flag})"
+        return out
+
     def path(self, backend: str) -> Path:
         if self.onnx_only:
             return self.onnx_only
@@ -119,6 +151,10 @@ class Runners:
             from export.to_executorch import pte_runner
 
             return pte_runner(path)
+        if backend.startswith("litert"):
+            from export.to_litert import tflite_runner
+
+            return tflite_runner(path, self.threads)
         import torch
 
         from export.validate import torch_runner
@@ -152,10 +188,11 @@ def prepare(source, spec: ModelSpec):
 
 
 def timing_order(backends: list[str]) -> list[str]:
-    """ONNX Runtime backends first, then the PyTorch ones. After a PyTorch call its OpenMP threads keep spinning for
-    a while and the next ONNX Runtime call measured up to 2-3x slower; the other way round is clean because the
-    demo's ONNX Runtime sessions stop spinning when a run returns. Each backend's time is its own."""
-    return sorted(backends, key=lambda b: 0 if b.startswith("onnx") else 1 if b.startswith("executorch") else 2)
+    """ONNX Runtime backends first, then the phone runtimes, then the PyTorch ones. After a PyTorch call its
+    OpenMP threads keep spinning for a while and the next ONNX Runtime call measured up to 2-3x slower; the other
+    way round is clean because the demo's ONNX Runtime sessions stop spinning when a run returns. Each backend's
+    time is its own."""
+    return sorted(backends, key=lambda b: 0 if b.startswith("onnx") else 1 if b.startswith(PHONE) else 2)
 
 
 def run_backends(runners: Runners, m: ServedModel, backends: list[str], x: np.ndarray, k: int) -> list[Prediction]:
@@ -204,6 +241,10 @@ def served_from_path(p: Path) -> ServedModel:
         from export.to_executorch import read_pte_spec
 
         return ServedModel(p.stem, None, p.parent, read_pte_spec(p))
+    if p.suffix == ".tflite":
+        from export.to_litert import read_tflite_spec
+
+        return ServedModel(p.stem, None, p.parent, read_tflite_spec(p))
     if p.suffix in (".pt", ".ptl") and p.name.startswith("model"):
         from export.to_torchscript import load_torchscript
 

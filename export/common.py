@@ -29,9 +29,11 @@ EXPORT_FILES = {  # artifact name -> file in the export folder
     "torchscript_mobile": "model.ptl",
     "executorch": "model.pte",
     "executorch_int8": "model.int8.pte",
+    "litert": "model.tflite",
+    "litert_int8": "model.int8.tflite",
 }
 LEGACY = {"torchscript_mobile": "legacy: PyTorch Mobile, unmaintained upstream; ExecuTorch replaces it"}
-INT8 = {"onnx_int8", "ort_int8", "executorch_int8"}
+INT8 = {"onnx_int8", "ort_int8", "executorch_int8", "litert_int8"}
 
 
 def format_label(name: str) -> str:

@@ -72,3 +72,32 @@ def budget_from(args: argparse.Namespace) -> Budget:
     if args.max_drop < 0 or args.max_class_drop < 0:
         raise UserError("--max-drop and --max-class-drop are allowed losses in points: give values >= 0")
     return Budget(args.max_drop, args.min_agreement, args.max_class_drop)
+
+
+def judge_candidate(
+    model, path, write, runner, select_x: np.ndarray, select_y: np.ndarray, budget: Budget, config: str
+) -> dict:
+    """Write an INT8 candidate beside `path`, compare it with the fp32 `model` on the selection images (validation,
+    never test) and move it to `path` only if it fits the budget; the candidate never outlives the call.
+    `write(p)` writes the candidate file, `runner(p)` gives its numpy -> logits function."""
+    import os
+
+    import torch
+
+    tmp = path.with_name(f".{path.name}.candidate-{os.getpid()}")
+    write(tmp)
+    size_mb = tmp.stat().st_size / 2**20
+    try:
+        with torch.inference_mode():
+            chunks = [select_x[i : i + 32] for i in range(0, len(select_x), 32)]
+            ref = np.concatenate([model(torch.from_numpy(np.ascontiguousarray(c, np.float32))).numpy() for c in chunks])
+        stats = compare(ref, runner(tmp)(select_x), select_y)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    ok = fits(stats, budget)
+    if ok:
+        os.replace(tmp, path)
+    else:
+        tmp.unlink(missing_ok=True)
+    return {"config": config, "fits": ok, "size_mb": size_mb, **stats}

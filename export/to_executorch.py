@@ -118,7 +118,7 @@ def quantize_executorch(
     )
     from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
-    from export.gates import compare, fits
+    from export.gates import judge_candidate
 
     path.unlink(missing_ok=True)  # never leave a stale INT8 program beside a new fp32 one
     program, _ = capture(model, ck.spec, 1)
@@ -135,22 +135,9 @@ def quantize_executorch(
         raise
     except Exception as e:  # the pt2e flow raises many types; the user gets one line
         raise UserError(f"ExecuTorch INT8 quantization of {ck.spec.arch} failed: {_first_line(e)}") from None
-    tmp = path.with_name(f".{path.name}.candidate-{os.getpid()}")
-    _write(tmp, buffer)
-    try:
-        with torch.no_grad():
-            chunks = [select_x[i : i + 32] for i in range(0, len(select_x), 32)]
-            ref = np.concatenate([model(torch.from_numpy(np.ascontiguousarray(c, np.float32))).numpy() for c in chunks])
-        stats = compare(ref, pte_runner(tmp)(select_x), select_y)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    ok = fits(stats, budget)
-    if ok:
-        os.replace(tmp, path)
-    else:
-        tmp.unlink(missing_ok=True)
-    return {"config": "pt2e-XNNPACK-S8-pc", "fits": ok, "size_mb": len(buffer) / 2**20, **stats}
+    return judge_candidate(
+        model, path, lambda p: _write(p, buffer), pte_runner, select_x, select_y, budget, "pt2e-XNNPACK-S8-pc"
+    )
 
 
 def _program(path: Path):
@@ -171,12 +158,21 @@ def read_pte_spec(path: Path) -> ModelSpec:
     return ModelSpec.from_json(bytes(raw.numpy().astype(np.uint8).tolist()).decode())
 
 
+def _batch(method) -> int:
+    return max(1, int(method.metadata.input_tensor_meta(0).sizes()[0]))  # the largest batch the memory plan holds
+
+
+def pte_batch(path: Path) -> int:
+    """The largest batch one call of the program takes (1 for the default batch-1 export)."""
+    return _batch(_program(path).load_method("forward"))
+
+
 def pte_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
     """numpy batch -> logits through executorch.runtime, in chunks of the program's largest batch (1 for the
     default batch-1 program). The input is made contiguous first: the runtime reads a strided (e.g. channels-last)
     tensor as if it were contiguous, silently (measured: 9 % agreement)."""
     method = _program(path).load_method("forward")
-    cap = max(1, int(method.metadata.input_tensor_meta(0).sizes()[0]))  # the largest batch the memory plan holds
+    cap = _batch(method)
 
     def call(x: np.ndarray) -> np.ndarray:
         return method.execute([torch.from_numpy(x)])[0].numpy()

@@ -1,5 +1,5 @@
 """One-shot export: ONNX fp32 -> simplify (re-verified) -> INT8 under a budget -> .ort -> TorchScript ->
-validation on real held-out images -> benchmark. Everything lands in <run>/export/.
+ExecuTorch .pte -> LiteRT .tflite -> validation on real held-out images -> benchmark. Everything lands in <run>/export/.
 
     python export/to_onnx.py                           # artifacts/runs/latest/best.pt (or pretrained Lite0)
     python export/to_onnx.py --checkpoint RUN/best.pt --embed-preprocessing --search full
@@ -14,12 +14,13 @@ import time
 from pathlib import Path
 
 from core.checkpoint import file_sha256, load_model
-from core.errors import run_cli
+from core.errors import UserError, run_cli
 from export import onnx_io, quantize, validate
 from export.benchmark import benchmark, write_outputs
 from export.common import INT8, data_for, default_checkpoint, existing_artifacts, output_dir, selection_for
 from export.gates import budget_from
 from export.to_executorch import export_executorch, quantize_executorch
+from export.to_litert import export_litert, quantize_litert
 from export.to_torchscript import export_torchscript
 from training.runs import write_json
 
@@ -38,26 +39,47 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-images", type=int, default=300, help="held-out images for validation (0 = all)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every runtime")
-    for flag in ("simplify", "int8", "ort", "torchscript", "executorch", "validate", "benchmark"):
+    for flag in ("simplify", "int8", "ort", "torchscript", "executorch", "litert", "validate", "benchmark"):
         p.add_argument(f"--no-{flag}", action="store_true", help=f"skip the {flag} step")
     p.add_argument(
         "--executorch-int8",
         action="store_true",
         help="also try model.int8.pte (pt2e, XNNPACK quantizer) under the same budget (~90 s for Lite0 at 300 px)",
     )
+    p.add_argument(
+        "--litert-int8",
+        action="store_true",
+        help="also try model.int8.tflite (pt2e, litert-torch quantizer) under the same budget",
+    )
     quantize.add_budget_args(p)
     return p
 
 
-def executorch_int8(model, ck, out: Path, calib, select, budget) -> dict:
-    """model.int8.pte under the same budget and on the same validation images as the ONNX INT8 search."""
-    r = quantize_executorch(model, ck, out / "model.int8.pte", calib, select.x, select.y, budget)
-    verdict = "written" if r["fits"] else "REFUSED (outside budget; model.pte, fp32, is the ExecuTorch artifact)"
+def mobile_int8(runtime: str, fp32_file: str, result: dict) -> dict:
+    """One line for an INT8 .pte/.tflite candidate judged on the validation images that choose ONNX INT8."""
+    verdict = "written" if result["fits"] else f"REFUSED (outside budget; {fp32_file}, fp32, is the {runtime} artifact)"
     print(
-        f"ExecuTorch INT8 ({r['config']}) on the validation images: agreement {r['agreement']:.2f} %, "
-        f"drop {r['drop']:+.2f} pt, worst class {r['worst_class_drop']:.2f} pt -> {verdict}"
+        f"{runtime} INT8 ({result['config']}) on the validation images: agreement {result['agreement']:.2f} %, "
+        f"drop {result['drop']:+.2f} pt, worst class {result['worst_class_drop']:.2f} pt -> {verdict}"
     )
-    return r
+    return result
+
+
+def phone_step(summary: dict, failed: list[str], name: str, path: Path, export, model, ck) -> bool:
+    """`export(model, ck, path)` for a phone format (and its INT8 twin removed first: never a stale file beside a
+    new model). One that cannot be made for this model (an op torch.export or the converter cannot take) is
+    reported in one line and skipped: the other formats are still written, validated and benchmarked, and the
+    export ends non-zero naming it."""
+    for stale in (path, path.with_name(path.stem + ".int8" + path.suffix)):
+        stale.unlink(missing_ok=True)
+    try:
+        summary[name] = export(model, ck, path)
+        return True
+    except UserError as e:
+        print(f"error: {e} -> {path.name} NOT written; the other formats continue (--no-{name} skips this step)")
+        summary[name] = {"error": str(e)}
+        failed.append(path.name)
+        return False
 
 
 def export_fp32(model, ck, ck_path: Path, out: Path, args, probe) -> tuple[Path, dict]:
@@ -120,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     model, ck = load_model(ck_path)
     calib, held, desc = data_for(ck, 0 if args.no_int8 else args.calib_images, args.max_images)
     select = None if args.no_int8 else selection_for(ck, args.max_images)
+    sel = select[0] if select else None
     out = output_dir(ck_path, args.out)  # only once the inputs are known to be usable
     print(f"exporting {ck_path} -> {out}/  (held-out: {desc})")
     stages.done("load")
@@ -149,12 +172,21 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_torchscript:
         export_torchscript(model, ck, out)
     stages.done("ort+torchscript")
+    failed: list[str] = []
     if not args.no_executorch:
-        summary["executorch"] = export_executorch(model, ck, out / "model.pte")
-        (out / "model.int8.pte").unlink(missing_ok=True)  # never a stale INT8 program beside a new fp32 one
-        if args.executorch_int8 and not args.no_int8:
-            summary["executorch_int8"] = executorch_int8(model, ck, out, calib.x, select[0], budget_from(args))
+        made = phone_step(summary, failed, "executorch", out / "model.pte", export_executorch, model, ck)
+        if made and args.executorch_int8 and not args.no_int8:
+            r = quantize_executorch(model, ck, out / "model.int8.pte", calib.x, sel.x, sel.y, budget_from(args))
+            summary["executorch_int8"] = mobile_int8("ExecuTorch", "model.pte", r)
         stages.done("executorch")
+    if not args.no_litert:
+        made = phone_step(summary, failed, "litert", out / "model.tflite", export_litert, model, ck)
+        if made and args.litert_int8 and not args.no_int8:
+            r = quantize_litert(
+                model, ck, out / "model.int8.tflite", calib.x, sel.x, sel.y, budget_from(args), args.threads
+            )
+            summary["litert_int8"] = mobile_int8("LiteRT", "model.tflite", r)
+        stages.done("litert")
     paths = existing_artifacts(out)
     ok, known = True, {}
     if not args.no_validate:
@@ -187,7 +219,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"  {p.name:<22} {p.stat().st_size / 2**20:8.2f} MB")
     int8_refused = not args.no_int8 and not summary.get("int8")
     verdict = (
-        "FAILED validation"
+        f"FAILED: {', '.join(failed)} not written"
+        if failed
+        else "FAILED validation"
         if not ok
         else "INT8 REFUSED (outside budget)"
         if int8_refused
@@ -196,7 +230,7 @@ def main(argv: list[str] | None = None) -> int:
         else "passed"
     )
     print(f"export {verdict} in {total:.0f} s ({stages.line()}) -> {out}")
-    return 1 if not ok else 3 if int8_refused else 0
+    return 1 if failed or not ok else 3 if int8_refused else 0
 
 
 if __name__ == "__main__":

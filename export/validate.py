@@ -40,6 +40,11 @@ def runner(path: Path, threads: int) -> Callable[[np.ndarray], np.ndarray]:
 
         read_pte_spec(path)  # a program without our spec is refused here, in one line
         return pte_runner(path)
+    if path.suffix == ".tflite":
+        from export.to_litert import read_tflite_spec, tflite_runner
+
+        read_tflite_spec(path)  # a model without our spec is refused here, in one line
+        return tflite_runner(path, threads)
     from export.to_torchscript import load_torchscript
 
     module, _ = load_torchscript(path)

@@ -149,6 +149,7 @@ def exported_run(trained_run: Path) -> Path:
                     "30",
                     "--embed-preprocessing",
                     "--executorch-int8",
+                    "--litert-int8",
                 ],
             )
         finally:

@@ -48,7 +48,7 @@ def images(run: Path) -> list[Path]:
     return sorted((run.parent.parent.parent / "data").rglob("*.png"))
 
 
-ALL = ["pytorch", "torchscript", "onnx_fp32", "onnx_int8", "executorch", "executorch_int8"]
+ALL = ["pytorch", "torchscript", "onnx_fp32", "onnx_int8", "executorch", "executorch_int8", "litert", "litert_int8"]
 
 
 @pytest.mark.slow  # a real server process
@@ -62,7 +62,7 @@ def test_api_predict_every_backend(client, server):
         assert [r[0] for r in rows] == ALL
         assert all(r[1] in CLASSES and r[3] >= 0 and r[4] > 0 for r in rows)  # preprocess ms, inference ms
         fp32 = {r[0]: r[1] for r in rows}
-        assert fp32["pytorch"] == fp32["onnx_fp32"] == fp32["torchscript"] == fp32["executorch"]
+        assert fp32["pytorch"] == fp32["onnx_fp32"] == fp32["torchscript"] == fp32["executorch"] == fp32["litert"]
         tops = {r[0]: r[1] for r in rows}
         if len(set(tops.values())) == 1:  # the badge states what the table shows
             assert badge.startswith(f"✅ all backends agree on **{rows[0][1]}**")
@@ -196,7 +196,7 @@ def test_browser_upload_classify_and_compare(server):
         page.locator("#classify").wait_for(timeout=30_000)
         first = images(run)[0]
         page.locator("#upload input[type=file]").set_input_files(str(first))
-        page.locator("#upload").get_by_text(first.name).wait_for(timeout=30_000)  # upload finished
+        page.locator("#upload").get_by_text(first.name).wait_for(timeout=60_000)  # upload finished
         page.locator("#classify").click()
         page.wait_for_function("() => /agree/.test(document.querySelector('#badge')?.innerText || '')", timeout=30_000)
         assert any(c in page.locator("#label").inner_text() for c in CLASSES)
@@ -204,7 +204,7 @@ def test_browser_upload_classify_and_compare(server):
         page.get_by_role("tab", name="Compare").click()
         other = images(run)[13]
         page.locator("#compare-upload input[type=file]").set_input_files(str(other))
-        page.locator("#compare-upload").get_by_text(other.name).wait_for(timeout=30_000)
+        page.locator("#compare-upload").get_by_text(other.name).wait_for(timeout=60_000)
         page.locator("#compare-go").click()
         # gradio puts elem_classes on a wrapper and on the inner element: count the innermost ones
         inner = "[...document.querySelectorAll('.compare-time')].filter(e => !e.querySelector('.compare-time'))"
@@ -232,6 +232,27 @@ def test_agreement_badge_names_disagreements_and_backends_outside_their_budget()
     assert "outside" not in agreement_badge(agree[:1], caveat)  # only for backends that answered
     differ = [agree[0], Prediction("onnx_int8", [("dog", 0.6)], 0.5)]
     assert agreement_badge(differ, {}) == "⚠️ backends disagree: onnx_fp32 → cat, onnx_int8 → dog"
+
+
+def test_empty_phone_int8_columns_say_why(tmp_path):
+    """A refused INT8 .pte/.tflite shows the export's figures; one the export never tried names the opt-in flag;
+    a format the export skipped altogether stays 'not exported'."""
+    import json
+
+    from core.models import default_spec
+    from demo.app import not_served
+    from demo.backends import ServedModel
+
+    refused = {"fits": False, "agreement": 40.54, "drop": 43.92, "config": "pt2e-LiteRT-S8-pc"}
+    (tmp_path / "export.json").write_text(json.dumps({"executorch": {}, "litert": {}, "litert_int8": refused}))
+    m = ServedModel("m", None, tmp_path, default_spec("cnn_small", ("a", "b"), image_size=8))
+    assert not_served(m, "litert_int8") == (
+        "INT8 refused: 40.5 % top-1 agreement with fp32, +43.9 pt (pt2e-LiteRT-S8-pc) on the validation images"
+    )
+    assert not_served(m, "executorch_int8") == "not exported (opt-in: export/to_onnx.py --executorch-int8)"
+    (tmp_path / "export.json").write_text(json.dumps({"litert": {}}))
+    m = ServedModel("m", None, tmp_path, m.spec)
+    assert not_served(m, "executorch_int8") == "not exported"
 
 
 def test_backends_run_onnx_first_and_answer_in_the_order_asked(tmp_path):

@@ -32,10 +32,11 @@ def test_one_shot_export_validates_every_artifact(exported_run):
     out = run_dir / "export"
     rep = json.loads((out / "report.json").read_text())
     names = {r["artifact"] for r in rep["artifacts"]}
-    assert {"onnx_fp32", "onnx_int8", "ort_int8", "torchscript", "torchscript_mobile", "executorch"} <= names
-    assert "executorch_int8" in names  # pt2e INT8 fits this toy model's relaxed budget on the validation images
+    fp32 = {"onnx_fp32", "torchscript", "torchscript_mobile", "executorch", "litert"}
+    assert fp32 | {"onnx_int8", "ort_int8"} <= names
+    assert {"executorch_int8", "litert_int8"} <= names  # pt2e INT8 fits this toy model's relaxed budget
     for r in rep["artifacts"]:
-        if r["artifact"] in ("onnx_fp32", "torchscript", "torchscript_mobile", "executorch"):
+        if r["artifact"] in fp32:
             assert r["agreement"] == 100.0 and r["max_abs_diff"] <= 1e-4 and r["passed"]
     assert rep["passed"] and (out / "report.md").is_file() and (out / "benchmark.md").is_file()
     q = json.loads((out / "quantization.json").read_text())
@@ -45,10 +46,22 @@ def test_one_shot_export_validates_every_artifact(exported_run):
     assert (out / "model.int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
     summary = json.loads((out / "export.json").read_text())
     stages = summary["stage_seconds"]
-    assert set(stages) == {"load", "onnx", "int8 search", "ort+torchscript", "executorch", "validate", "benchmark"}
+    assert set(stages) == {
+        "load",
+        "onnx",
+        "int8 search",
+        "ort+torchscript",
+        "executorch",
+        "litert",
+        "validate",
+        "benchmark",
+    }
     assert summary["executorch"] == {"dynamic_batch": False, "max_batch": 1, "portable_ops": []}
     assert summary["executorch_int8"]["fits"] and summary["executorch_int8"]["config"] == "pt2e-XNNPACK-S8-pc"
     assert (out / "model.int8.pte").stat().st_size < (out / "model.pte").stat().st_size
+    assert summary["litert"]["batch"] == 1
+    assert summary["litert_int8"]["fits"] and summary["litert_int8"]["config"] == "pt2e-LiteRT-S8-pc"
+    assert (out / "model.int8.tflite").stat().st_size < (out / "model.tflite").stat().st_size
     assert 0 < sum(stages.values()) <= summary["seconds"] + 1  # each rounded to 0.1 s
     bench = json.loads((out / "benchmark.json").read_text())["rows"]
     acc = {r["artifact"]: r["accuracy"] for r in rep["artifacts"]} | {"pytorch": rep["pytorch_accuracy"]}
@@ -56,6 +69,10 @@ def test_one_shot_export_validates_every_artifact(exported_run):
         assert row["accuracy"] == acc[row["format"]]  # the benchmark reports what validation measured
         assert row["img_per_s"] > 0 and row["img_per_s_from"] in ("validation", "benchmark")
         assert row["p50_ms"] > 0 and row["peak_mem_growth_mb"] >= 0
+        # batch-1 phone programs: their batch-32 figure is 32 calls, and the table says so; the others take any batch
+        assert row["call_batch"] == (1 if row["file"].endswith((".pte", ".tflite")) else None), row["file"]
+    phone_rows = [line for line in (out / "benchmark.md").read_text().splitlines() if ".tflite |" in line]
+    assert len(phone_rows) == 2 and all("(32 calls of batch 1)" in line for line in phone_rows)
     for md in ("report.md", "benchmark.md"):
         table = [line for line in (out / md).read_text().splitlines() if line.startswith("|")]
         assert len({line.count("|") for line in table}) == 1, table  # no cell text breaks the table
@@ -119,7 +136,7 @@ def test_int8_refused_when_no_candidate_fits_names_the_next_step(exported_run, m
     monkeypatch.chdir(run_dir.parent.parent.parent)
     monkeypatch.setattr(quantize, "fits", lambda stats, budget: False)  # a model no configuration can keep
     out = run_dir.parent / "refused"
-    code = one_shot(run_dir, "--out", str(out), "--no-torchscript", "--no-benchmark")
+    code = one_shot(run_dir, "--out", str(out), "--no-torchscript", "--no-benchmark", "--no-executorch", "--no-litert")
     assert code == 3
     assert not (out / "model.int8.onnx").exists() and (out / "model.onnx").is_file()
     printed = capsys.readouterr().out
@@ -142,6 +159,34 @@ def test_int8_refused_when_no_candidate_fits_names_the_next_step(exported_run, m
         "not exported"
     )
     assert ServedModel("ok", run_dir / "best.pt", run_dir / "export", served.spec).int8_refusal is None
+
+
+def test_a_phone_format_that_cannot_be_made_skips_only_itself(run_dir, monkeypatch, capsys):
+    """A converter that cannot take the model: one line naming the step, no stale file of an earlier export left
+    behind, every other format still written and validated, exit 1 naming what is missing."""
+    from core.errors import UserError
+    from export import to_onnx
+
+    def cannot(model, ck, path):
+        raise UserError("LiteRT conversion of cnn_small failed: op aten.weird_op has no lowering")
+
+    monkeypatch.chdir(run_dir.parent.parent.parent)
+    monkeypatch.setattr(to_onnx, "export_litert", cannot)
+    out = run_dir.parent / "no-litert"
+    out.mkdir()
+    (out / "model.tflite").write_bytes(b"stale")
+    (out / "model.int8.tflite").write_bytes(b"stale")
+    code = one_shot(run_dir, "--out", str(out), "--no-int8", "--no-benchmark", "--no-executorch")
+    printed = capsys.readouterr().out
+    assert code == 1
+    assert "aten.weird_op has no lowering -> model.tflite NOT written; the other formats continue" in printed
+    assert "export FAILED: model.tflite not written" in printed
+    assert not (out / "model.tflite").exists() and not (out / "model.int8.tflite").exists()
+    rep = json.loads((out / "report.json").read_text())
+    assert {r["artifact"] for r in rep["artifacts"]} == {"onnx_fp32", "ort_fp32", "torchscript", "torchscript_mobile"}
+    assert rep["passed"]
+    summary = json.loads((out / "export.json").read_text())
+    assert summary["litert"] == {"error": "LiteRT conversion of cnn_small failed: op aten.weird_op has no lowering"}
 
 
 @pytest.mark.parametrize(
