@@ -75,6 +75,23 @@ def _pretrained_fallback() -> Path:
     return imagenet_lite0_checkpoint()
 
 
+def standalone_parser(description: str):
+    """The arguments every single-format exporter takes (export/to_torchscript.py, to_executorch.py, to_litert.py)."""
+    import argparse
+
+    p = argparse.ArgumentParser(description=description)
+    p.add_argument("--checkpoint", help="checkpoint or run folder (default artifacts/runs/latest/best.pt)")
+    p.add_argument("--out", help="output folder (default <run>/export)")
+    return p
+
+
+def standalone_inputs(args) -> tuple:
+    """(model, checkpoint, output folder) for a single-format exporter's parsed arguments."""
+    path = default_checkpoint(args.checkpoint)
+    model, ck = load_model(path)
+    return model, ck, output_dir(path, args.out)
+
+
 def output_dir(ckpt_path: Path, out: str | None) -> Path:
     d = Path(out) if out else ckpt_path.parent / "export"
     try:

@@ -12,17 +12,17 @@ label: `module.execute("model_spec")` on the device, `read_pte_spec` here.
 from __future__ import annotations
 
 import argparse
-import os
 from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from core.checkpoint import Checkpoint, load_model
+from core.atomic import atomic_write
+from core.checkpoint import Checkpoint
 from core.errors import UserError, run_cli
 from core.spec import ModelSpec
-from export.common import default_checkpoint, output_dir
+from export.common import standalone_inputs, standalone_parser
 
 SPEC_METHOD = "model_spec"
 MAX_BATCH = 1  # ExecuTorch plans memory for the largest batch: batch 1 keeps a phone's arena small
@@ -64,7 +64,7 @@ def export_executorch(model: torch.nn.Module, ck: Checkpoint, path: Path, max_ba
     """Write `path` (.pte, fp32, XNNPACK); returns {dynamic_batch, portable_ops}."""
     program, dynamic = capture(model, ck.spec, max_batch)
     buffer, portable = _lower(program, ck.spec)
-    _write(path, buffer)
+    atomic_write(path, buffer)
     if portable:
         print(
             f"note: {len(portable)} operator(s) not lowered to XNNPACK, run on portable kernels: {', '.join(portable)}"
@@ -85,16 +85,6 @@ def _lower(program, spec: ModelSpec) -> tuple[bytes, list[str]]:
         return edge.to_executorch().buffer, portable
     except Exception as e:  # lowering errors come from many layers; the user gets one line
         raise UserError(f"ExecuTorch lowering of {spec.arch} failed: {_first_line(e)}") from None
-
-
-def _write(path: Path, buffer: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(buffer)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({e.strerror})") from None
 
 
 INT8_CALIB = 64  # calibration images for the pt2e observers (the XNNPACK quantizer's symmetric per-channel scheme)
@@ -136,7 +126,7 @@ def quantize_executorch(
     except Exception as e:  # the pt2e flow raises many types; the user gets one line
         raise UserError(f"ExecuTorch INT8 quantization of {ck.spec.arch} failed: {_first_line(e)}") from None
     return judge_candidate(
-        model, path, lambda p: _write(p, buffer), pte_runner, select_x, select_y, budget, "pt2e-XNNPACK-S8-pc"
+        model, path, lambda p: atomic_write(p, buffer), pte_runner, select_x, select_y, budget, "pt2e-XNNPACK-S8-pc"
     )
 
 
@@ -185,9 +175,7 @@ def pte_runner(path: Path) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export a checkpoint to an ExecuTorch .pte program (XNNPACK).")
-    p.add_argument("--checkpoint", help="checkpoint or run folder (default artifacts/runs/latest/best.pt)")
-    p.add_argument("--out", help="output folder (default <run>/export)")
+    p = standalone_parser("Export a checkpoint to an ExecuTorch .pte program (XNNPACK).")
     p.add_argument("--max-batch", type=int, default=MAX_BATCH, help="> 1: dynamic batch 1..N (memory for N images)")
     return p
 
@@ -196,9 +184,8 @@ def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
     if not 1 <= args.max_batch <= 256:
         raise UserError(f"--max-batch {args.max_batch}: give 1 (a batch-1 program) to 256 (a dynamic batch up to N)")
-    path = default_checkpoint(args.checkpoint)
-    model, ck = load_model(path)
-    out = output_dir(path, args.out) / "model.pte"
+    model, ck, folder = standalone_inputs(args)
+    out = folder / "model.pte"
     info = export_executorch(model, ck, out, args.max_batch)
     batch = f"dynamic batch 1..{info['max_batch']}" if info["dynamic_batch"] else "batch 1 only"
     print(f"wrote {out} ({out.stat().st_size / 2**20:.2f} MB, {batch})")

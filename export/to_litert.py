@@ -20,10 +20,11 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from core.checkpoint import Checkpoint, load_model
+from core.atomic import atomic_write
+from core.checkpoint import Checkpoint
 from core.errors import UserError, run_cli
 from core.spec import ModelSpec
-from export.common import default_checkpoint, output_dir
+from export.common import standalone_inputs, standalone_parser
 
 SPEC_METADATA = "model_spec"
 INT8_CALIB = 64  # calibration images for the pt2e observers (litert-torch's symmetric per-channel scheme)
@@ -81,18 +82,8 @@ def _convert(model: torch.nn.Module, spec: ModelSpec, quant_config=None) -> byte
 
 def export_litert(model: torch.nn.Module, ck: Checkpoint, path: Path) -> dict:
     """Write `path` (.tflite, fp32, batch 1) with the spec inside."""
-    _write(path, _convert(model.eval(), ck.spec))
+    atomic_write(path, _convert(model.eval(), ck.spec))
     return {"batch": 1, "size_mb": round(path.stat().st_size / 2**20, 2)}
-
-
-def _write(path: Path, data: bytes) -> None:
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        tmp.write_bytes(data)
-        os.replace(tmp, path)
-    except OSError as e:
-        tmp.unlink(missing_ok=True)
-        raise UserError(f"cannot write {path} ({e.strerror})") from None
 
 
 def quantize_litert(
@@ -129,7 +120,7 @@ def quantize_litert(
     return judge_candidate(
         model,
         path,
-        lambda p: _write(p, data),
+        lambda p: atomic_write(p, data),
         lambda p: tflite_runner(p, threads),
         select_x,
         select_y,
@@ -220,17 +211,13 @@ def _dequantizer(detail: dict) -> Callable[[np.ndarray], np.ndarray]:
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export a checkpoint to a LiteRT .tflite model (litert-torch).")
-    p.add_argument("--checkpoint", help="checkpoint or run folder (default artifacts/runs/latest/best.pt)")
-    p.add_argument("--out", help="output folder (default <run>/export)")
-    return p
+    return standalone_parser("Export a checkpoint to a LiteRT .tflite model (litert-torch).")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    path = default_checkpoint(args.checkpoint)
-    model, ck = load_model(path)
-    out = output_dir(path, args.out) / "model.tflite"
+    model, ck, folder = standalone_inputs(args)
+    out = folder / "model.tflite"
     info = export_litert(model, ck, out)
     print(f"wrote {out} ({info['size_mb']:.2f} MB, batch 1, spec inside as metadata '{SPEC_METADATA}')")
     return 0

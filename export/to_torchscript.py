@@ -16,9 +16,9 @@ from pathlib import Path
 
 import torch
 
-from core.checkpoint import Checkpoint, load_model
+from core.checkpoint import Checkpoint
 from core.errors import UserError, run_cli
-from export.common import default_checkpoint, output_dir
+from export.common import standalone_inputs, standalone_parser
 
 EXTRA = "model_spec.json"
 
@@ -76,17 +76,13 @@ def load_torchscript(path: Path):
 
 
 def get_args_parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(description="Export a checkpoint to TorchScript (.pt) and PyTorch Mobile (.ptl).")
-    p.add_argument("--checkpoint", help="checkpoint or run folder (default artifacts/runs/latest/best.pt)")
-    p.add_argument("--out", help="output folder (default <run>/export)")
-    return p
+    return standalone_parser("Export a checkpoint to TorchScript (.pt) and PyTorch Mobile (.ptl).")
 
 
 def main(argv: list[str] | None = None) -> int:
     args = get_args_parser().parse_args(argv)
-    path = default_checkpoint(args.checkpoint)
-    model, ck = load_model(path)
-    paths = export_torchscript(model, ck, output_dir(path, args.out))
+    model, ck, out = standalone_inputs(args)
+    paths = export_torchscript(model, ck, out)
     for p in paths.values():
         print(f"wrote {p} ({p.stat().st_size / 2**20:.2f} MB)")
     return 0

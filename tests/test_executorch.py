@@ -12,12 +12,13 @@ from core.errors import UserError
 from core.models import create_model, default_spec
 from export.to_executorch import export_executorch, pte_runner, read_pte_spec
 
-# one quick member of each family the zoo test covers; the big torchvision ones are slow
+# a member of each family the zoo test covers; cnn_small runs in the developer loop, the rest (20-35 s each to
+# lower on 2 cores) in CI's full run
 FAMILIES = [
     "cnn_small",
-    "efficientnet_lite0",
-    "mobilenet_v2",
-    "nin",
+    pytest.param("efficientnet_lite0", marks=pytest.mark.slow),
+    pytest.param("mobilenet_v2", marks=pytest.mark.slow),
+    pytest.param("nin", marks=pytest.mark.slow),
     pytest.param("resnet18", marks=pytest.mark.slow),
     pytest.param("mixer_tiny", marks=pytest.mark.slow),
 ]
@@ -76,11 +77,14 @@ def test_program_without_our_spec_is_refused_in_one_line(tmp_path):
         read_pte_spec(tmp_path / "garbage.pte")
 
 
-def test_a_model_torch_export_cannot_capture_is_one_clear_line(tmp_path):
-    class DataDependent(torch.nn.Module):
-        def forward(self, x):
-            return x.mean((2, 3))[:, :3] if x.sum() > 0 else -x.mean((2, 3))[:, :3]  # branch on the values
+class DataDependent(torch.nn.Module):
+    """A model torch.export cannot capture: it branches on the values of its input."""
 
+    def forward(self, x):
+        return x.mean((2, 3))[:, :3] if x.sum() > 0 else -x.mean((2, 3))[:, :3]
+
+
+def test_a_model_torch_export_cannot_capture_is_one_clear_line(tmp_path):
     spec = default_spec("cnn_small", ("a", "b", "c"), image_size=8)
     with pytest.raises(UserError, match=r"torch\.export cannot capture cnn_small"):
         export_executorch(DataDependent(), Checkpoint(spec, {}), tmp_path / "m.pte")
@@ -105,6 +109,7 @@ def test_cli_writes_the_program_and_refuses_bad_options(exported_run, tmp_path, 
     )
 
 
+@pytest.mark.slow  # two pt2e lowerings (~15 s)
 def test_int8_pte_only_inside_the_budget_and_chosen_on_validation_images(exported_run, tmp_path, monkeypatch):
     """Judged by the export's gates on the images it is given (the validation split in to_onnx.py); refused ->
     nothing written, no candidate left behind; fits -> written, smaller, and its runner agrees with fp32."""

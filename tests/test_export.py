@@ -252,7 +252,7 @@ def test_force_writes_int8_outside_the_budget_loudly(run_dir, monkeypatch, capsy
 
     for module in (quantize, validate):  # a model that no INT8 configuration keeps inside its budget
         monkeypatch.setattr(module, "fits", lambda stats, budget: False)
-    code = one_shot(run_dir, "--out", str(out), "--force", "--no-torchscript")
+    code = one_shot(run_dir, "--out", str(out), "--force", "--no-torchscript", "--no-executorch", "--no-litert")
     assert code == 0  # the fp32 gates passed; the INT8 one failed on purpose
     printed = capsys.readouterr().out
     assert "OUTSIDE the accuracy budget" in printed and "INT8 artifacts FAIL" in printed
