@@ -25,3 +25,9 @@ def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | No
     except KeyboardInterrupt:
         print("interrupted", file=sys.stderr)
         return 130
+
+
+def first_line(e: BaseException, limit: int = 200) -> str:
+    """An exception's message as one short line (its first line, else its type): what a UserError wraps when a
+    third-party converter or runtime raises a multi-line or empty error."""
+    return (str(e).strip().splitlines() or [type(e).__name__])[0][:limit]

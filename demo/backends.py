@@ -18,6 +18,7 @@ from core.errors import UserError
 from core.images import load_image
 from core.preprocess import model_view, normalize
 from core.spec import ModelSpec
+from export.common import EXPORT_FILES
 from export.runtime import OnnxClassifier, top_k
 
 BACKENDS = (
@@ -31,15 +32,7 @@ BACKENDS = (
     "litert_int8",
 )
 PHONE = ("executorch", "litert")  # the phone runtimes, timed after ONNX Runtime
-FILES = {
-    "torchscript": "model.pt",
-    "onnx_fp32": "model.onnx",
-    "onnx_int8": "model.int8.onnx",
-    "executorch": "model.pte",
-    "executorch_int8": "model.int8.pte",
-    "litert": "model.tflite",
-    "litert_int8": "model.int8.tflite",
-}
+FILES = {b: EXPORT_FILES[b] for b in BACKENDS if b in EXPORT_FILES}  # backend -> file in the export folder
 
 
 @dataclass

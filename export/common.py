@@ -75,6 +75,22 @@ def _pretrained_fallback() -> Path:
     return imagenet_lite0_checkpoint()
 
 
+PT2E_CALIB = 64  # calibration images for the pt2e observers of the phone runtimes' INT8 (one image per call)
+
+
+def pt2e_quantized(module, quantizer, calib: np.ndarray, **convert_options):
+    """A torch.export'ed module with `quantizer`'s observers calibrated on up to PT2E_CALIB training images, one
+    image per call (the phone programs run at batch 1), then converted to its quantized graph."""
+    import torch
+    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
+
+    prepared = prepare_pt2e(module, quantizer)
+    with torch.no_grad():
+        for i in range(min(len(calib), PT2E_CALIB)):
+            prepared(torch.from_numpy(np.ascontiguousarray(calib[i : i + 1], np.float32)))
+    return convert_pt2e(prepared, **convert_options)
+
+
 def standalone_parser(description: str):
     """The arguments every single-format exporter takes (export/to_torchscript.py, to_executorch.py, to_litert.py)."""
     import argparse

@@ -20,16 +20,12 @@ import torch
 
 from core.atomic import atomic_write
 from core.checkpoint import Checkpoint
-from core.errors import UserError, run_cli
+from core.errors import UserError, first_line, run_cli
 from core.spec import ModelSpec
-from export.common import standalone_inputs, standalone_parser
+from export.common import pt2e_quantized, standalone_inputs, standalone_parser
 
 SPEC_METHOD = "model_spec"
 MAX_BATCH = 1  # ExecuTorch plans memory for the largest batch: batch 1 keeps a phone's arena small
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def capture(model: torch.nn.Module, spec: ModelSpec, max_batch: int = MAX_BATCH):
@@ -46,7 +42,7 @@ def capture(model: torch.nn.Module, spec: ModelSpec, max_batch: int = MAX_BATCH)
     try:
         return torch.export.export(model.eval(), (x[:1],)), False
     except Exception as e:
-        raise UserError(f"torch.export cannot capture {spec.arch}: {_first_line(e)}") from None
+        raise UserError(f"torch.export cannot capture {spec.arch}: {first_line(e)}") from None
 
 
 def not_delegated(edge) -> list[str]:
@@ -84,10 +80,7 @@ def _lower(program, spec: ModelSpec) -> tuple[bytes, list[str]]:
         portable = not_delegated(edge)  # before to_executorch(), which rewrites the graph into out-variants
         return edge.to_executorch().buffer, portable
     except Exception as e:  # lowering errors come from many layers; the user gets one line
-        raise UserError(f"ExecuTorch lowering of {spec.arch} failed: {_first_line(e)}") from None
-
-
-INT8_CALIB = 64  # calibration images for the pt2e observers (the XNNPACK quantizer's symmetric per-channel scheme)
+        raise UserError(f"ExecuTorch lowering of {spec.arch} failed: {first_line(e)}") from None
 
 
 def quantize_executorch(
@@ -106,7 +99,6 @@ def quantize_executorch(
         XNNPACKQuantizer,
         get_symmetric_quantization_config,
     )
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from export.gates import judge_candidate
 
@@ -114,17 +106,13 @@ def quantize_executorch(
     program, _ = capture(model, ck.spec, 1)
     quantizer = XNNPACKQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     try:
-        prepared = prepare_pt2e(program.module(), quantizer)
-        with torch.no_grad():
-            for i in range(min(len(calib), INT8_CALIB)):
-                prepared(torch.from_numpy(np.ascontiguousarray(calib[i : i + 1], np.float32)))
-        converted = convert_pt2e(prepared)
+        converted = pt2e_quantized(program.module(), quantizer, calib)
         example = (torch.from_numpy(np.ascontiguousarray(calib[:1], np.float32)),)
         buffer, _ = _lower(torch.export.export(converted, example), ck.spec)
     except UserError:
         raise
     except Exception as e:  # the pt2e flow raises many types; the user gets one line
-        raise UserError(f"ExecuTorch INT8 quantization of {ck.spec.arch} failed: {_first_line(e)}") from None
+        raise UserError(f"ExecuTorch INT8 quantization of {ck.spec.arch} failed: {first_line(e)}") from None
     return judge_candidate(
         model, path, lambda p: atomic_write(p, buffer), pte_runner, select_x, select_y, budget, "pt2e-XNNPACK-S8-pc"
     )
@@ -136,7 +124,7 @@ def _program(path: Path):
     try:
         return Runtime.get().load_program(str(path))
     except Exception as e:
-        raise UserError(f"{path}: not a loadable ExecuTorch program ({_first_line(e)})") from None
+        raise UserError(f"{path}: not a loadable ExecuTorch program ({first_line(e)})") from None
 
 
 def read_pte_spec(path: Path) -> ModelSpec:

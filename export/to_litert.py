@@ -22,17 +22,12 @@ import torch
 
 from core.atomic import atomic_write
 from core.checkpoint import Checkpoint
-from core.errors import UserError, run_cli
+from core.errors import UserError, first_line, run_cli
 from core.spec import ModelSpec
-from export.common import standalone_inputs, standalone_parser
+from export.common import pt2e_quantized, standalone_inputs, standalone_parser
 
 SPEC_METADATA = "model_spec"
-INT8_CALIB = 64  # calibration images for the pt2e observers (litert-torch's symmetric per-channel scheme)
 INSTALL = "pip install -r requirements.txt (it installs litert-torch)"
-
-
-def _first_line(e: BaseException) -> str:
-    return (str(e).strip().splitlines() or [type(e).__name__])[0][:200]
 
 
 def _litert_torch():
@@ -77,7 +72,7 @@ def _convert(model: torch.nn.Module, spec: ModelSpec, quant_config=None) -> byte
     except UserError:
         raise
     except Exception as e:  # torch.export, StableHLO lowering and the LiteRT converter raise many types
-        raise UserError(f"LiteRT conversion of {spec.arch} failed: {_first_line(e)}") from None
+        raise UserError(f"LiteRT conversion of {spec.arch} failed: {first_line(e)}") from None
 
 
 def export_litert(model: torch.nn.Module, ck: Checkpoint, path: Path) -> dict:
@@ -101,7 +96,6 @@ def quantize_litert(
     choose ONNX INT8 (never on the test split). Written to `path` only if it fits; the figures either way."""
     from litert_torch.quantize.pt2e_quantizer import PT2EQuantizer, get_symmetric_quantization_config
     from litert_torch.quantize.quant_config import QuantConfig
-    from torchao.quantization.pt2e.quantize_pt2e import convert_pt2e, prepare_pt2e
 
     from export.gates import judge_candidate
 
@@ -109,13 +103,9 @@ def quantize_litert(
     quantizer = PT2EQuantizer().set_global(get_symmetric_quantization_config(is_per_channel=True))
     try:
         captured = torch.export.export(model.eval(), (example_input(ck.spec),)).module()
-        prepared = prepare_pt2e(captured, quantizer)
-        with torch.no_grad():
-            for i in range(min(len(calib), INT8_CALIB)):
-                prepared(torch.from_numpy(np.ascontiguousarray(calib[i : i + 1], np.float32)))
-        converted = convert_pt2e(prepared, fold_quantize=False)
+        converted = pt2e_quantized(captured, quantizer, calib, fold_quantize=False)
     except Exception as e:  # the pt2e flow raises many types; the user gets one line
-        raise UserError(f"LiteRT INT8 quantization of {ck.spec.arch} failed: {_first_line(e)}") from None
+        raise UserError(f"LiteRT INT8 quantization of {ck.spec.arch} failed: {first_line(e)}") from None
     data = _convert(converted, ck.spec, QuantConfig(pt2e_quantizer=quantizer))
     return judge_candidate(
         model,
@@ -136,16 +126,16 @@ def _flatbuffer(path: Path):
         data = path.read_bytes()
         if len(data) < 8 or data[4:8] != b"TFL3":
             raise ValueError("no TFL3 file identifier")
-        return schema.Model.GetRootAs(data, 0), data
+        return schema.Model.GetRootAs(data, 0)
     except OSError as e:
         raise UserError(f"cannot read {path} ({e.strerror})") from None
     except Exception as e:
-        raise UserError(f"{path}: not a LiteRT/TFLite model ({_first_line(e)})") from None
+        raise UserError(f"{path}: not a LiteRT/TFLite model ({first_line(e)})") from None
 
 
 def read_tflite_spec(path: Path) -> ModelSpec:
     """The spec carried inside a .tflite written by export_litert."""
-    model, _ = _flatbuffer(path)
+    model = _flatbuffer(path)
     for i in range(model.MetadataLength()):
         entry = model.Metadata(i)
         if _name(entry.Name()) == SPEC_METADATA:
@@ -157,7 +147,7 @@ def read_tflite_spec(path: Path) -> ModelSpec:
 
 def tflite_batch(path: Path) -> int:
     """The batch of the model's input (1 for our export: larger batches run image by image)."""
-    model, _ = _flatbuffer(path)
+    model = _flatbuffer(path)
     graph = model.Subgraphs(0)
     return max(1, int(graph.Tensors(graph.Inputs(0)).Shape(0)))
 
@@ -172,7 +162,7 @@ def tflite_runner(path: Path, threads: int = 2) -> Callable[[np.ndarray], np.nda
         interp = Interpreter(model_path=str(path), num_threads=threads)
         interp.allocate_tensors()
     except Exception as e:
-        raise UserError(f"{path}: LiteRT cannot load it ({_first_line(e)})") from None
+        raise UserError(f"{path}: LiteRT cannot load it ({first_line(e)})") from None
     inp, out = interp.get_input_details()[0], interp.get_output_details()[0]
     cap = max(1, int(inp["shape"][0]))
     quant_in, dequant_out = _quantizer(inp), _dequantizer(out)
