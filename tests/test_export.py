@@ -129,6 +129,46 @@ def test_dynamic_batch_survives_simplification(tmp_path, name):
         assert np.abs(got - ref[:b]).max() <= 1e-4
 
 
+@pytest.mark.parametrize("mode", ["transfer", "finetune", "scratch", None])
+@pytest.mark.parametrize("searched", ["fast", "full"])
+def test_int8_refusal_message_names_the_next_steps(mode, searched, tmp_path):
+    from export.quantize import refusal_message
+
+    src = tmp_path / "model.onnx"
+    line = refusal_message(tmp_path / "model.int8.onnx", src, searched, mode)
+    assert (
+        "\n" not in line
+        and line.startswith("error: no INT8 configuration")
+        and "model.int8.onnx was NOT written" in line
+    )
+    assert f"python export/quantize.py --onnx {src} --force" in line
+    assert (f"--onnx {src} --search full" in line) == (searched == "fast")  # the wider search, unless just run
+    # a frozen backbone: training it is the step that changes what INT8 has to follow (measured on ELPV)
+    assert ("python training/train.py --mode finetune" in line) == (mode == "transfer")
+
+
+def _gate(artifact, passed, agreement=100.0, drop=0.0):
+    return {"artifact": artifact, "passed": passed, "agreement": agreement, "drop": drop}
+
+
+@pytest.mark.parametrize(
+    ("rows", "expected"),
+    [
+        ([_gate("onnx_fp32", True), _gate("onnx_int8", False, 96.67, 1.0), _gate("ort_int8", False, 97.67)], "96.7 %"),
+        ([_gate("onnx_fp32", False, 99.0), _gate("onnx_int8", False, 96.0)], None),  # a broken fp32 export
+        ([_gate("onnx_fp32", True), _gate("onnx_int8", True)], None),
+    ],
+)
+@pytest.mark.parametrize("mode", ["transfer", "scratch"])
+def test_int8_failure_hint_only_when_int8_alone_fails(rows, expected, mode):
+    hint = to_onnx.int8_failure_hint({"artifacts": rows}, mode, "elpv-4class test split (300 of 656 images)")
+    if expected is None:
+        assert hint is None
+        return
+    assert "\n" not in hint and "onnx_int8: " + expected in hint and "test split" in hint and "--no-int8" in hint
+    assert ("--mode finetune" in hint) == (mode == "transfer")
+
+
 def test_int8_refused_when_no_candidate_fits_names_the_next_step(exported_run, monkeypatch, capsys):
     from export import quantize
 
