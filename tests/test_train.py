@@ -411,3 +411,33 @@ def test_int8_aware_transfer_trains_the_head_on_the_int8_backbone_too(workdir, t
     a, b = np.load(fp32)["x"], np.load(int8)["x"]
     assert a.shape == b.shape and 0 < np.abs(a - b).mean() < 0.5 * np.abs(a).mean()  # INT8 numbers, same features
     assert json.loads((workdir / "artifacts/runs/t/meta.json").read_text())["args"]["int8_aware"] is True
+
+
+@pytest.mark.parametrize(("kind", "ratio"), [("inverse", 3.0), ("sqrt", 3**0.5)])
+def test_class_weights_favour_rare_classes_and_keep_the_loss_scale(kind, ratio):
+    from training.engine import class_weights
+
+    labels = [0] * 6 + [1] * 2  # class 2 has no training images
+    w = class_weights(labels, 3, kind)
+    assert float(w[1] / w[0]) == pytest.approx(ratio) and float(w[2]) == 0.0
+    assert float(6 * w[0] + 2 * w[1]) / 8 == pytest.approx(1.0)  # average weight per sample: the loss keeps its scale
+    assert class_weights(labels, 3, "none") is None
+
+
+def test_class_weight_changes_training_only_where_classes_are_imbalanced(workdir):
+    def losses(folder, kind):
+        name = f"{folder.name}-{kind}"
+        assert run_scratch(folder, deterministic=True, epochs=2, name=name, class_weight=kind) == 0
+        return [float(r["train_loss"]) for r in read_history(workdir / "artifacts/runs" / name)]
+
+    balanced = make_folder(workdir / "balanced", per_class=20, odd_files=False)  # 17 training images per class
+    assert losses(balanced, "inverse") == pytest.approx(losses(balanced, "none"), rel=1e-5)  # every weight is 1
+    skewed = make_folder(workdir / "skewed", per_class=8, odd_files=False)
+    for f in sorted((skewed / CLASSES[0]).glob("*.png"))[3:]:  # 3 images of one class against 8
+        f.unlink()
+    plain, weighted = losses(skewed, "none"), losses(skewed, "inverse")
+    assert abs(weighted[0] - plain[0]) > 1e-3 * plain[0]
+    assert (
+        json.loads((workdir / "artifacts/runs/skewed-inverse/meta.json").read_text())["args"]["class_weight"]
+        == "inverse"
+    )

@@ -11,7 +11,7 @@ from core.models import list_models
 from core.models.classifier import HEADS, INITS
 from core.spec import COLOR_MODES, CROP_MODES, INTERPOLATIONS
 from core.transforms import AUGMENTATIONS
-from training.engine import OPTIMIZERS, SCHEDULES
+from training.engine import CLASS_WEIGHTS, OPTIMIZERS, SCHEDULES
 
 MODES = ("scratch", "finetune", "transfer")
 # Per-mode defaults: transfer trains a head on cached features (cheap epochs); finetune moves all weights.
@@ -100,6 +100,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--step-size", type=int, default=10, help="step schedule: epochs per decay")
     g.add_argument("--gamma", type=float, default=0.1, help="step schedule: decay factor")
     g.add_argument("--label-smoothing", type=float, default=0.1)
+    g.add_argument(
+        "--class-weight",
+        choices=CLASS_WEIGHTS,
+        default="none",
+        help="weight the loss by the training split's inverse class frequency (or its square root): rare classes "
+        "count more (the average weight per sample stays 1)",
+    )
     g.add_argument("--patience", type=int, default=0, help="early stopping after N epochs without val gain")
     g = p.add_argument_group("run")
     g.add_argument("--name", help="run folder name under artifacts/runs (default: time-mode-model-data)")

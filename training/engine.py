@@ -17,6 +17,27 @@ from core.faults import crash_point
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
+CLASS_WEIGHTS = ("none", "sqrt", "inverse")
+
+
+def class_weights(labels, num_classes: int, kind: str) -> torch.Tensor | None:
+    """Cross-entropy weights from the training split's class counts: inverse frequency ("inverse") or its square root
+    ("sqrt"), scaled so that the average weight per training sample is 1 (the loss keeps its scale, so the learning
+    rate means the same); None for "none". A class without training images gets weight 0 (it has no samples)."""
+    if kind == "none":
+        return None
+    counts = np.bincount(np.asarray(labels, dtype=np.int64), minlength=num_classes).astype(np.float64)
+    w = np.zeros(num_classes)
+    seen = counts > 0
+    w[seen] = (1.0 / counts[seen]) ** (1.0 if kind == "inverse" else 0.5)
+    w *= counts.sum() / (counts * w).sum()
+    return torch.tensor(w, dtype=torch.float32)
+
+
+def make_criterion(args, labels, num_classes: int, device: torch.device) -> nn.Module:
+    """The training loss: cross-entropy with --label-smoothing and --class-weight."""
+    w = class_weights(labels, num_classes, getattr(args, "class_weight", "none"))
+    return nn.CrossEntropyLoss(weight=None if w is None else w.to(device), label_smoothing=args.label_smoothing)
 
 
 def make_optimizer(

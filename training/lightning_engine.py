@@ -20,7 +20,7 @@ import torch
 from core.errors import UserError
 from core.spec import ModelSpec
 from training.batches import Batches
-from training.engine import make_optimizer, make_scheduler
+from training.engine import make_criterion, make_optimizer, make_scheduler
 from training.recorder import EpochRecorder
 
 
@@ -57,7 +57,7 @@ def fit_lightning(args: argparse.Namespace, batches: Batches, spec: ModelSpec, r
         def __init__(self) -> None:
             super().__init__()
             self.net = batches.trainee
-            self.crit = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+            self.crit = make_criterion(args, source.train.labels, len(source.class_names), torch.device("cpu"))
             self.sums = [0.0, 0.0, 0, 0]  # loss*n, correct, seen, skipped
             self.t_epoch = 0.0
 

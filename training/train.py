@@ -30,6 +30,7 @@ from training.data import DataSource, load_source
 from training.distributed import Dist
 from training.engine import (
     classification_metrics,
+    make_criterion,
     make_optimizer,
     make_scheduler,
     seed_everything,
@@ -61,6 +62,7 @@ RESUME_LOCKED = (
     "trainable_from",
     "views",
     "int8_aware",
+    "class_weight",
 )
 
 
@@ -186,7 +188,7 @@ def fit(args, batches: Batches, spec: ModelSpec, run: Path, state: dict | None) 
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         net = torch.compile(net)
-    crit = torch.nn.CrossEntropyLoss(label_smoothing=args.label_smoothing)
+    crit = make_criterion(args, source.train.labels, len(source.class_names), device)
     for epoch in range(rec.start, args.epochs + 1):
         torch.manual_seed(args.seed * 100_003 + epoch)  # dropout etc. identical whether resumed or not
         st = train_one_epoch(
