@@ -280,6 +280,11 @@ FROZEN_HINT = (
 )
 
 
+def training_hint(mode: str | None) -> str:
+    """The next step that changes what INT8 must follow: for a frozen backbone, training it; else nothing."""
+    return FROZEN_HINT if mode == "transfer" else ""
+
+
 def refusal_message(out: Path, src: Path, searched: str, mode: str | None = None) -> str:
     """What to do next when nothing fits: for a frozen backbone, training it; then the wider search; then
     comparing anyway with --force."""
@@ -290,7 +295,7 @@ def refusal_message(out: Path, src: Path, searched: str, mode: str | None = None
     )
     return (
         f"error: no INT8 configuration keeps accuracy inside the budget; {out.name} was NOT written. next: "
-        f"{FROZEN_HINT if mode == 'transfer' else ''}{wider}"
+        f"{training_hint(mode)}{wider}"
         f"or python export/quantize.py --onnx {src} --force to write the closest candidate, marked as outside "
         "its budget (the search table above and quantization.md show every candidate)"
     )

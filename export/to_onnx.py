@@ -247,7 +247,7 @@ def int8_failure_hint(rep: dict, mode: str | None, desc: str) -> str | None:
     return (
         f"INT8 chosen on the validation images misses its budget on {desc} ({worst['artifact']}: "
         f"{worst['agreement']:.1f} % top-1 agreement, drop {worst['drop']:+.1f} pt); the fp32 formats passed. next: "
-        + (quantize.FROZEN_HINT if mode == "transfer" else "")
+        + quantize.training_hint(mode)
         + "or export with --no-int8 to ship fp32 only (report.md shows every gate)"
     )
 

@@ -36,7 +36,7 @@ def class_weights(labels, num_classes: int, kind: str) -> torch.Tensor | None:
 
 def make_criterion(args, labels, num_classes: int, device: torch.device) -> nn.Module:
     """The training loss: cross-entropy with --label-smoothing and --class-weight."""
-    w = class_weights(labels, num_classes, getattr(args, "class_weight", "none"))
+    w = class_weights(labels, num_classes, args.class_weight)
     return nn.CrossEntropyLoss(weight=None if w is None else w.to(device), label_smoothing=args.label_smoothing)
 
 
