@@ -17,7 +17,7 @@ from onnxruntime.quantization import (
     quantize_static,
 )
 
-from core.int8_correction import correct_bias, equalize, float_output, widen_depthwise
+from core.int8_correction import correct_bias, equalize, float_output, u8_pointwise, widen_depthwise
 
 
 @dataclass(frozen=True)
@@ -28,6 +28,11 @@ class QConfig:
     calibration: str = "MinMax"
     reduce_range: bool = False
     corrected: bool = False  # equalize, full-range depthwise weights, bias correction (core/int8_correction.py)
+    u8_pointwise: bool = False  # corrected only: 8-bit uint8 weights for dense convolutions (no int16 saturation)
+
+    def __post_init__(self) -> None:
+        if self.u8_pointwise and not (self.corrected and self.fmt == "QDQ" and self.activations == "U8"):
+            raise ValueError("u8_pointwise is a step of the corrected QDQ pipeline with U8 activations")
 
     @property
     def name(self) -> str:
@@ -35,6 +40,7 @@ class QConfig:
             f"{self.fmt}-{self.activations}S8-{'pc' if self.per_channel else 'pt'}-{self.calibration}"
             + ("-rr" if self.reduce_range else "")
             + ("+corrected" if self.corrected else "")
+            + ("+u8pw" if self.u8_pointwise else "")
         )
 
 
@@ -75,6 +81,8 @@ def quantize_one(
     q = onnx.load(str(out))
     float_output(q)
     widen_depthwise(q, eq)
+    if cfg.u8_pointwise:
+        u8_pointwise(q, eq)
     correct_bias(q, eq, calib, threads, reference=fp)
     onnx.save(q, str(out))
     return out

@@ -43,6 +43,7 @@ FAST_SEARCH = (
 FULL_SEARCH = (
     *FAST_SEARCH,
     QConfig(corrected=True),  # 8-bit weights: where the CPU has VNNI (no int16 saturation) or on ARM
+    QConfig(reduce_range=True, corrected=True, u8_pointwise=True),  # 8-bit dense weights without VNNI, slower
     QConfig(activations="S8"),
     QConfig(per_channel=False),
     QConfig(calibration="Percentile"),

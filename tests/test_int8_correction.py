@@ -156,3 +156,28 @@ def test_corrected_config_is_a_named_candidate_and_beats_plain(tiny, tmp_path):
     assert {o: n for n in onnx.load(str(plain)).graph.node for o in n.output}["logits"].op_type == "DequantizeLinear"
     err = {p.stem: np.sqrt(((_run(onnx.load(str(p)), held)[0] - ref) ** 2).mean()) for p in (plain, corr)}
     assert err["corr"] < 0.7 * err["plain"], err
+
+
+def test_u8_pointwise_gives_dense_convolutions_8_bits(tiny, tmp_path):
+    """Dense convolutions get symmetric 8-bit uint8 weights (zero point 128, every channel reaching +-127 levels),
+    the depthwise one keeps int8, the bias follows the new scale, and the logits move closer to fp32."""
+    calib, held = _images(64, 6), _images(128, 7)
+    fp = onnx.load(str(tiny))
+    (ref,) = _run(fp, held)
+    cfg = QConfig(reduce_range=True, corrected=True, u8_pointwise=True)
+    assert cfg.name == "QDQ-U8S8-pc-MinMax-rr+corrected+u8pw"
+    with pytest.raises(ValueError, match="corrected"):
+        QConfig(u8_pointwise=True)
+    u8 = onnx.load(str(quantize_one(tiny, tmp_path / "u8.onnx", calib, cfg)))
+    corr = onnx.load(str(quantize_one(tiny, tmp_path / "corr.onnx", calib, QConfig(reduce_range=True, corrected=True))))
+    init = {i.name: numpy_helper.to_array(i) for i in u8.graph.initializer}
+    weights = {n: w for n, w in init.items() if n.endswith("_quantized") and w.ndim == 4}
+    dense = {n: w for n, w in weights.items() if w.shape[1] > 1}  # [out, in / group, kh, kw]
+    assert len(dense) == 2 and all(w.dtype == np.uint8 for w in dense.values())  # stem and pointwise
+    for n, w in dense.items():
+        assert (init[n.replace("_quantized", "_zero_point")] == 128).all()
+        assert (np.abs(w.reshape(len(w), -1).astype(int) - 128).max(1) == 127).all()
+    (dw,) = [w for n, w in weights.items() if n not in dense]
+    assert dw.dtype == np.int8
+    err = {k: np.sqrt(((_run(m, held)[0] - ref) ** 2).mean()) for k, m in (("u8", u8), ("corr", corr))}
+    assert err["u8"] < err["corr"], err
