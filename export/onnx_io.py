@@ -95,9 +95,27 @@ def save_atomic(model: onnx.ModelProto, path: Path) -> None:
     atomic_write(path, model.SerializeToString())
 
 
-def run_onnx(path: Path, x: np.ndarray, threads: int | None = None) -> np.ndarray:
+RUN_BATCH = 32  # images per call: ORT's activations grow with the batch (a 300 px Lite0: ~14 MB per image)
+
+
+def run_onnx(path: Path, x: np.ndarray, threads: int | None = None, batch: int = RUN_BATCH) -> np.ndarray:
+    """First output of the model on x, run `batch` images at a time by one session (296 ELPV images in one call
+    peaked at 4.2 GB; a validation split of a few thousand would not fit in memory). A model exported with a
+    fixed batch size is fed chunks of exactly that size, the last one padded by repeating images."""
     sess = make_session(path, threads)
-    return sess.run(None, {sess.get_inputs()[0].name: x})[0]
+    inp = sess.get_inputs()[0]
+    fixed = inp.shape[0] if isinstance(inp.shape[0], int) and inp.shape[0] > 0 else None
+    step = fixed or batch
+    outs = []
+    for i in range(0, len(x), step):
+        chunk = x[i : i + step]
+        n = len(chunk)
+        if fixed and n < fixed:
+            chunk = np.resize(chunk, (fixed, *chunk.shape[1:]))
+        outs.append(sess.run(None, {inp.name: chunk})[0][:n])
+    if not outs:  # no images: an empty batch of the output's shape
+        return np.zeros([0] + [d if isinstance(d, int) else 0 for d in sess.get_outputs()[0].shape[1:]], np.float32)
+    return np.concatenate(outs)
 
 
 def simplify(path: Path, out: Path, probe: np.ndarray, atol: float = 1e-5) -> dict[str, object]:

@@ -129,6 +129,34 @@ def test_dynamic_batch_survives_simplification(tmp_path, name):
         assert np.abs(got - ref[:b]).max() <= 1e-4
 
 
+@pytest.mark.parametrize("fixed_batch", [None, 3])
+def test_run_onnx_feeds_large_sets_in_chunks(tmp_path, fixed_batch):
+    """run_onnx answers like the model on every image however many there are: chunks of `batch` images for a
+    dynamic batch axis (memory stays bounded), chunks of exactly N (the last padded) for a model fixed at batch N."""
+    from core.models import create_model
+
+    model = create_model("cnn_small", 3, 3, 16).eval()
+    path = tmp_path / "m.onnx"
+    axes = None if fixed_batch else {"input": {0: "batch"}, "logits": {0: "batch"}}
+    torch.onnx.export(
+        model,
+        torch.zeros(fixed_batch or 1, 3, 16, 16),
+        str(path),
+        input_names=["input"],
+        output_names=["logits"],
+        dynamic_axes=axes,
+        opset_version=17,
+        dynamo=False,
+    )
+    x = np.random.default_rng(1).normal(size=(70, 3, 16, 16)).astype(np.float32)
+    with torch.no_grad():
+        ref = model(torch.from_numpy(x)).numpy()
+    got = run_onnx(path, x, batch=32)
+    assert got.shape == (70, 3)
+    np.testing.assert_allclose(got, ref, atol=1e-4)
+    assert run_onnx(path, x[:0]).shape == (0, 3)
+
+
 @pytest.mark.parametrize("mode", ["transfer", "finetune", "scratch", None])
 @pytest.mark.parametrize("searched", ["fast", "full"])
 def test_int8_refusal_message_names_the_next_steps(mode, searched, tmp_path):
