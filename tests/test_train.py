@@ -355,6 +355,8 @@ def test_partial_finetune_trains_only_the_blocks_after_the_cut(workdir, tiny_fol
         (["--mode", "finetune", "--trainable-from", "12", "--augment", "basic"], "image augmentation cannot"),
         (["--mode", "finetune", "--trainable-from", "12", "--taps", "4,14"], "--taps [4] lie in the frozen"),
         (["--mode", "scratch", "--model", "cnn_small", "--views", "8"], "--views applies to cached features"),
+        (["--mode", "transfer", "--bn-momentum", "0.1"], "--mode transfer trains only the head"),
+        (["--mode", "scratch", "--model", "cnn_small", "--bn-momentum", "1.5"], "--bn-momentum 1.5 is outside (0, 1]"),
     ],
 )
 def test_partial_finetune_options_are_refused_where_they_do_not_apply(workdir, tiny_folder, capsys, argv, message):
@@ -441,3 +443,28 @@ def test_class_weight_changes_training_only_where_classes_are_imbalanced(workdir
         json.loads((workdir / "artifacts/runs/skewed-inverse/meta.json").read_text())["args"]["class_weight"]
         == "inverse"
     )
+
+
+def test_bn_momentum_sets_how_fast_trained_batchnorm_statistics_move(workdir):
+    """--bn-momentum reaches every BatchNorm layer that trains (and only those), and the statistics it writes follow
+    the new batches faster; the option is recorded and locked on --resume."""
+    from torch import nn
+
+    from core.checkpoint import load_checkpoint
+    from training.engine import set_bn_momentum
+
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.BatchNorm2d(4), nn.Sequential(nn.BatchNorm1d(2)))
+    assert set_bn_momentum(model, 0.3) == 2 and all(m.momentum == 0.3 for m in model if isinstance(m, nn.BatchNorm2d))
+    assert set_bn_momentum(model, None) == 0 and model[1].momentum == 0.3  # None keeps what is there
+
+    folder = make_folder(workdir / "bn", per_class=8, odd_files=False)
+
+    def running_means(name, **extra):
+        assert run_scratch(folder, deterministic=True, epochs=1, name=name, **extra) == 0
+        ck = load_checkpoint(workdir / "artifacts/runs" / name / "best.pt")
+        return torch.cat([v.flatten() for k, v in ck.state_dict.items() if k.endswith("running_mean")])
+
+    default, fast = running_means("bn-default"), running_means("bn-fast", bn_momentum=0.9)
+    assert default.numel() > 0 and not torch.allclose(default, fast)
+    assert fast.abs().mean() > default.abs().mean()  # from 0, statistics that move faster get further in one epoch
+    assert json.loads((workdir / "artifacts/runs/bn-fast/meta.json").read_text())["args"]["bn_momentum"] == 0.9

@@ -14,7 +14,7 @@ from core.transforms import eval_transform, train_transform
 from training import distributed, features
 from training.data import DataSource, ImageDataset, Split, balanced_subset, collate_skip
 from training.distributed import Dist
-from training.engine import predict
+from training.engine import predict, set_bn_momentum
 from training.runs import ARTIFACTS
 
 
@@ -65,6 +65,7 @@ class Batches:
             self.frozen, self.trainee = Prefix(model.backbone, self.stop), Suffix(model.backbone, model.head, self.stop)
         else:
             self.frozen, self.trainee = model.backbone, model.head if self.use_features else model
+        set_bn_momentum(self.trainee, args.bn_momentum)
         self._train_tf = train_transform(spec, args.augment)
         self._eval_tf = eval_transform(spec)
         self._features: dict[str, tuple[np.ndarray, np.ndarray]] = {}

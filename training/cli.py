@@ -107,6 +107,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="weight the loss by the training split's inverse class frequency (or its square root): rare classes "
         "count more (the average weight per sample stays 1)",
     )
+    g.add_argument(
+        "--bn-momentum",
+        type=float,
+        help="BatchNorm running-statistics momentum of the trained layers (PyTorch's convention: the weight of "
+        "each new batch; default: the architecture's, 0.01 for EfficientNet-Lite as in TF, 0.1 for torchvision)",
+    )
     g.add_argument("--patience", type=int, default=0, help="early stopping after N epochs without val gain")
     g = p.add_argument_group("run")
     g.add_argument("--name", help="run folder name under artifacts/runs (default: time-mode-model-data)")
@@ -137,6 +143,10 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, k, v)
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise UserError("--epochs and --batch-size must be >= 1 and --lr > 0")
+    if args.bn_momentum is not None and not 0 < args.bn_momentum <= 1:
+        raise UserError(
+            f"--bn-momentum {args.bn_momentum} is outside (0, 1]: give the weight of each new batch, e.g. 0.1"
+        )
     return args
 
 

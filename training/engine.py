@@ -40,6 +40,17 @@ def make_criterion(args, labels, num_classes: int, device: torch.device) -> nn.M
     return nn.CrossEntropyLoss(weight=None if w is None else w.to(device), label_smoothing=args.label_smoothing)
 
 
+def set_bn_momentum(module: nn.Module, momentum: float | None) -> int:
+    """Set the running-statistics momentum of every BatchNorm layer in `module` (the trained part); None leaves
+    the architecture's own. Returns how many layers were set."""
+    if momentum is None:
+        return 0
+    layers = [m for m in module.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+    for m in layers:
+        m.momentum = momentum
+    return len(layers)
+
+
 def make_optimizer(
     model: nn.Module, name: str, lr: float, weight_decay: float, backbone_lr_scale: float = 1.0
 ) -> torch.optim.Optimizer:

@@ -43,6 +43,7 @@ from training.runs import ARTIFACTS, RUNS, new_run_dir, point_latest, write_json
 
 # Options that define the model or data; a resumed run must keep them.
 RESUME_LOCKED = (
+    "bn_momentum",
     "data",
     "elpv_task",
     "model",
@@ -99,6 +100,11 @@ def check_partial(args: argparse.Namespace, entry: ModelEntry) -> None:
         raise UserError(
             "--int8-aware trains on the cached INT8 output of the frozen part: use --mode transfer (without "
             "--augment/--no-feature-cache) or --trainable-from"
+        )
+    if args.bn_momentum is not None and args.mode == "transfer":
+        raise UserError(
+            "--bn-momentum sets how trained BatchNorm layers track their statistics; --mode transfer trains only the "
+            "head (the backbone's statistics stay frozen): use it with --mode finetune or scratch"
         )
     if args.trainable_from is None:
         return
