@@ -445,7 +445,7 @@ def test_class_weight_changes_training_only_where_classes_are_imbalanced(workdir
     )
 
 
-def test_bn_momentum_sets_how_fast_trained_batchnorm_statistics_move(workdir):
+def test_bn_momentum_sets_how_fast_trained_batchnorm_statistics_move(workdir, capsys):
     """--bn-momentum reaches every BatchNorm layer that trains (and only those), and the statistics it writes follow
     the new batches faster; the option is recorded and locked on --resume."""
     from torch import nn
@@ -468,3 +468,5 @@ def test_bn_momentum_sets_how_fast_trained_batchnorm_statistics_move(workdir):
     assert default.numel() > 0 and not torch.allclose(default, fast)
     assert fast.abs().mean() > default.abs().mean()  # from 0, statistics that move faster get further in one epoch
     assert json.loads((workdir / "artifacts/runs/bn-fast/meta.json").read_text())["args"]["bn_momentum"] == 0.9
+    code = run_scratch(folder, epochs=2, name=None, resume="bn-fast", bn_momentum=0.5)
+    assert code == 2 and "changed options ['bn_momentum']" in capsys.readouterr().err

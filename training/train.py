@@ -91,7 +91,8 @@ def build_spec(args: argparse.Namespace, source: DataSource, weights: str | None
 
 
 def check_partial(args: argparse.Namespace, entry: ModelEntry) -> None:
-    """--trainable-from and --views only where they mean something; each refusal says why."""
+    """Recipe options (--trainable-from, --views, --int8-aware, --bn-momentum) only where they mean something; each
+    refusal says why."""
     if args.views != "auto" and not (args.trainable_from is not None or args.mode == "transfer"):
         raise UserError("--views applies to cached features: --mode transfer or --trainable-from; use --augment")
     if args.views not in ("auto", "1") and args.augment != "none":
