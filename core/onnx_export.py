@@ -39,3 +39,16 @@ def torch_to_onnx(
         torch.onnx.export(
             model, (x,), str(out), input_names=[input_name], output_names=[output_name], dynamo=dynamo, **specific
         )
+
+
+def simplified(path: Path):
+    """onnxsim's simplification of the ONNX file at `path` (folds the "same" padding into the convolutions, among
+    others): what the export ships, so what --int8-aware training must quantize too for the same INT8 numbers.
+    Raises ValueError if onnxsim cannot validate its result."""
+    import onnx
+    import onnxsim
+
+    model, ok = onnxsim.simplify(onnx.load(str(path)))
+    if not ok:
+        raise ValueError("onnxsim could not validate the simplified model")
+    return model

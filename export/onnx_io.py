@@ -13,7 +13,7 @@ from torch import nn
 
 from core.atomic import atomic_write
 from core.errors import UserError
-from core.onnx_export import torch_to_onnx
+from core.onnx_export import simplified, torch_to_onnx
 from core.spec import ModelSpec
 from export.runtime import SPEC_KEY, make_session
 
@@ -120,11 +120,10 @@ def run_onnx(path: Path, x: np.ndarray, threads: int | None = None, batch: int =
 
 def simplify(path: Path, out: Path, probe: np.ndarray, atol: float = 1e-5) -> dict[str, object]:
     """onnxsim, then prove it changed nothing: same outputs, dynamic batch still works at 1, 3 and 8."""
-    import onnxsim
-
-    model, ok = onnxsim.simplify(onnx.load(str(path)))
-    if not ok:
-        raise UserError("onnxsim could not validate the simplified model; rerun with --no-simplify")
+    try:
+        model = simplified(path)
+    except ValueError as e:
+        raise UserError(f"{e}; rerun with --no-simplify") from None
     save_atomic(model, out)
     report: dict[str, object] = {"batches": {}}
     for b in (1, 3, 8):

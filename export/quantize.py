@@ -19,22 +19,27 @@ from dataclasses import asdict
 from pathlib import Path
 
 import numpy as np
+import onnx
 from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from core.checkpoint import load_checkpoint
 from core.errors import UserError, run_cli
-from core.quantization import QConfig, quantize_one
+from core.quantization import MIXED, QConfig, leading_nodes, quantize_one
 from export.common import calibration_for, selection_for
 from export.gates import Budget, add_budget_flags, budget_from, compare, fits
 from export.onnx_io import run_onnx
 from export.runtime import make_session
 
-# The fast search starts with the corrected candidate (core/int8_correction.py: equalization, 8-bit depthwise
-# weights, bias correction; the one that fits most often, measured on ELPV) and keeps ORT's plain settings, which are
-# the fastest where they fit (VNNI CPUs without the AVX2 int16 saturation). Symmetric S8 activations and per-tensor
-# weights lost on every model measured here, and the histogram calibrators (Percentile, Entropy) keep every
-# activation of every calibration image (on a 300 px Lite0 with 256 images they exceeded 24 GB): full search only.
+# The fast search starts with the mixed candidate (core.quantization.MIXED: the corrections of core/int8_correction.py,
+# 8-bit weights for the layers that write the residual stream, the first 12 % of the convolutions and the pooling +
+# classifier tail in fp32; what --int8-aware training, on by default in transfer mode, trains the head against) and
+# the all-INT8 corrected candidate (equalization, 8-bit depthwise weights, bias correction), and keeps ORT's plain
+# settings, which are the fastest where they fit (VNNI CPUs without the AVX2 int16 saturation). Symmetric S8
+# activations and per-tensor weights lost on every model measured here, and the histogram calibrators (Percentile,
+# Entropy) keep every activation of every calibration image (on a 300 px Lite0 with 256 images they exceeded 24 GB):
+# full search only.
 FAST_SEARCH = (
+    MIXED,
     QConfig(reduce_range=True, corrected=True),
     QConfig(),
     QConfig(fmt="QOperator"),
@@ -73,25 +78,7 @@ def throughput(path: Path, x: np.ndarray, threads: int) -> float:
     return batch_throughput(lambda xb: sess.run(None, {name: xb}), x)
 
 
-LEADING_FRACTION = 0.2  # share of the convolutions kept in fp32 by the retry (see leading_nodes)
-
-
-def leading_nodes(src: Path, fraction: float = LEADING_FRACTION) -> list[str]:
-    """Every node up to the first `fraction` of the convolutions, in graph (topological) order.
-
-    Measured on the ELPV Lite0 model: the error that breaks agreement enters at the high-resolution input
-    layers (stem and first stages: pooled block-2 features off by 0.85 of their spread across images with
-    everything quantized, 0.08 with stem..block 2 in fp32), not at a few scattered "sensitive" nodes; ORT's
-    per-node SQNR ranking picked nodes whose exclusion did not help. Keeping the leading layers in fp32 costs
-    the least speed per point of agreement."""
-    import onnx
-
-    nodes = onnx.load(str(src)).graph.node
-    convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
-    if not convs:
-        return []
-    last = convs[max(0, int(np.ceil(fraction * len(convs))) - 1)]
-    return [n.name for n in nodes[: last + 1]]
+LEADING_FRACTION = 0.2  # share of the convolutions kept in fp32 by the retry (see core.quantization.leading_nodes)
 
 
 def search(
@@ -139,7 +126,7 @@ def search(
                 break
             best = max((r for r in rows if "error" not in r), key=lambda r: r["agreement"], default=None)
             cfg = next((c for c in configs if best and c.name == best["config"]), configs[0])
-            exclude = leading_nodes(pre)
+            exclude = leading_nodes(onnx.load(str(pre)), LEADING_FRACTION)
             # formats and activation types behave alike under exclusion: retry the closest configuration, and
             # its QOperator/QDQ twin unless it is a corrected one (the corrections act on QDQ graphs only)
             twin = QConfig(
@@ -272,11 +259,14 @@ def run_search(
     return report
 
 
-# Measured on ELPV (README "INT8: a network trained on the cells fits"): the frozen ImageNet Lite0 of a transfer run
-# tops out at 96-98 % agreement whatever the quantizer does, a ResNet-18 trained on the cells fits at 98.7-99 %.
+# Measured on ELPV (README "INT8 that fits", "INT8: a network trained on the cells fits"): the frozen ImageNet Lite0
+# of a transfer run tops out at 96-98 % agreement whatever the quantizer does to a head trained on fp32 features; a
+# head trained against the INT8 backbone (--int8-aware) reaches 98-99 %, a ResNet-18 trained on the cells 98.7-99 %.
 FROZEN_HINT = (
     "this model's backbone is frozen pretrained features (--mode transfer), which may tell your classes apart by less "
-    "than INT8 rounding moves them; a backbone trained on your images quantizes better: "
+    "than INT8 rounding moves them; train the head against the INT8 backbone: python training/train.py --mode "
+    "transfer --int8-aware with your --data (the default for EfficientNet-Lite; a larger --int8-consistency, e.g. "
+    "100, trades fp32 accuracy for agreement), or a backbone trained on your images quantizes better: "
     "python training/train.py --mode finetune (or --mode scratch) with your --data, then export again; "
 )
 

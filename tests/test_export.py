@@ -8,6 +8,7 @@ import torch
 from core.errors import UserError, run_cli
 from core.images import load_image
 from core.preprocess import preprocess
+from core.quantization import MIXED
 from export import to_onnx, to_torchscript
 from export.onnx_io import export_onnx, run_onnx, simplify
 from export.runtime import OnnxClassifier, check_external_data
@@ -41,8 +42,9 @@ def test_one_shot_export_validates_every_artifact(exported_run):
     assert rep["passed"] and (out / "report.md").is_file() and (out / "benchmark.md").is_file()
     q = json.loads((out / "quantization.json").read_text())
     assert q["chosen"] and len(q["candidates"]) >= 4
-    first = q["candidates"][0]  # the corrected candidate is searched first, measured like the others
-    assert first["config"] == "QDQ-U8S8-pc-MinMax-rr+corrected" and "error" not in first and first["img_per_s"] > 0
+    first, second = q["candidates"][:2]  # the mixed candidate, then the all-INT8 corrected one, measured like the rest
+    assert first["config"] == MIXED.name and second["config"] == "QDQ-U8S8-pc-MinMax-rr+corrected"
+    assert all("error" not in r and r["img_per_s"] > 0 for r in (first, second))
     assert (out / "model.int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
     summary = json.loads((out / "export.json").read_text())
     stages = summary["stage_seconds"]
@@ -173,6 +175,7 @@ def test_int8_refusal_message_names_the_next_steps(mode, searched, tmp_path):
     assert (f"--onnx {src} --search full" in line) == (searched == "fast")  # the wider search, unless just run
     # a frozen backbone: training it is the step that changes what INT8 has to follow (measured on ELPV)
     assert ("python training/train.py --mode finetune" in line) == (mode == "transfer")
+    assert ("python training/train.py --mode transfer --int8-aware" in line) == (mode == "transfer")
 
 
 def _gate(artifact, passed, agreement=100.0, drop=0.0):

@@ -181,3 +181,99 @@ def test_u8_pointwise_gives_dense_convolutions_8_bits(tiny, tmp_path):
     assert dw.dtype == np.int8
     err = {k: np.sqrt(((_run(m, held)[0] - ref) ** 2).mean()) for k, m in (("u8", u8), ("corr", corr))}
     assert err["u8"] < err["corr"], err
+
+
+class TinyResidual(nn.Module):
+    """Lite-like: stem -> expand -> depthwise -> linear projection + skip -> head conv -> mean & max pooling ->
+    linear. The projection and the head conv are the layers `linear_output_convs` picks."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        self.expand, self.dw = nn.Conv2d(8, 16, 1), nn.Conv2d(16, 16, 3, padding=1, groups=16)
+        self.project, self.head_conv = nn.Conv2d(16, 8, 1), nn.Conv2d(8, 32, 1)
+        self.fc = nn.Linear(64, 4)
+        g = torch.Generator().manual_seed(1)
+        with torch.no_grad():
+            for m in (self.stem, self.expand, self.dw, self.project, self.head_conv, self.fc):
+                m.weight.normal_(0, 0.4, generator=g)
+                m.bias.uniform_(0.0, 0.3, generator=g)
+
+    def features(self, x):
+        x = nn.functional.relu6(self.stem(x))
+        x = x + self.project(nn.functional.relu6(self.dw(nn.functional.relu6(self.expand(x)))))
+        x = nn.functional.relu6(self.head_conv(x))
+        return torch.cat([x.mean((2, 3)), x.amax((2, 3))], 1)
+
+    def forward(self, x):
+        return self.fc(self.features(x))
+
+
+class _Features(nn.Module):
+    def __init__(self, m: TinyResidual) -> None:
+        super().__init__()
+        self.m = m
+
+    def forward(self, x):
+        return self.m.features(x)
+
+
+def test_mixed_config_keeps_lead_and_tail_in_float_and_its_backbone_does_not_depend_on_the_head(tmp_path):
+    """core.quantization.MIXED: 8-bit uint8 weights exactly for the projection and the last conv, the first conv
+    and the pooling/concat/classifier in float. What --int8-aware training relies on: the whole model's INT8 logits
+    are the float head applied to the INT8 features of the backbone quantized on its own."""
+    from core.int8_correction import linear_output_convs
+    from core.quantization import MIXED, tail_nodes
+
+    net = TinyResidual().eval()
+    full = _export(net, tmp_path / "full.onnx")
+    backbone = tmp_path / "backbone.onnx"
+    torch.onnx.export(
+        _Features(net),
+        torch.zeros(1, 3, 16, 16),
+        str(backbone),
+        input_names=["input"],
+        output_names=["features"],
+        dynamic_axes={"input": {0: "batch"}},
+        opset_version=17,
+        dynamo=False,
+    )
+    fp = onnx.load(str(full))
+    convs = {n.name: n for n in fp.graph.node if n.op_type == "Conv"}
+    picked = linear_output_convs(fp)
+    assert len(convs) == 5 and len(picked) == 2
+    assert {n.split("/")[1] for n in picked} == {"project", "head_conv"}  # node names: /project/Conv, ...
+    assert {fp.graph.node[[n.name for n in fp.graph.node].index(t)].op_type for t in tail_nodes(fp)} == {
+        "ReduceMean",
+        "ReduceMax",
+        "Concat",
+        "Gemm",
+    }
+    assert MIXED.name == "QDQ-U8S8-pc-MinMax-rr+corrected+u8lin+fp32-first12%+float-tail"
+    for bad in (dict(u8_linear=True), dict(corrected=True, u8_linear=True, u8_pointwise=True), dict(float_lead=1.0)):
+        with pytest.raises(ValueError):
+            QConfig(**bad)
+
+    calib, held = _images(64, 8), _images(96, 9)
+    q = onnx.load(str(quantize_one(full, tmp_path / "q.onnx", calib, MIXED)))
+    qb = onnx.load(str(quantize_one(backbone, tmp_path / "qb.onnx", calib, MIXED)))
+    producer = {o: n for n in q.graph.node for o in n.output}
+    init = {i.name: numpy_helper.to_array(i) for i in q.graph.initializer}
+    for n in q.graph.node:
+        if n.op_type == "Conv":
+            w, name = producer.get(n.input[1]), n.name.split("/")[1]
+            if name == "stem":  # the first 12 % of the convolutions: fp32 weights, no DequantizeLinear
+                assert w is None or w.op_type != "DequantizeLinear"
+                continue
+            assert w.op_type == "DequantizeLinear"
+            expected = np.uint8 if name in ("project", "head_conv") else np.int8
+            assert init[w.input[0]].dtype == expected, name
+        if n.op_type in ("ReduceMean", "ReduceMax", "Concat", "Gemm"):
+            assert all(producer.get(i) is None or producer[i].op_type != "DequantizeLinear" for i in n.input[1:])
+            assert not any(c.op_type == "QuantizeLinear" for c in q.graph.node if n.output[0] in c.input)
+    (logits,) = _run(q, held)
+    (feats,) = _run(qb, held, ("features",))
+    head = feats @ net.fc.weight.detach().numpy().T + net.fc.bias.detach().numpy()
+    assert np.abs(logits - head).max() < 1e-4
+    (ref,) = _run(fp, held)
+    assert np.abs(logits - ref).max() > 0  # INT8 numbers, not a float copy

@@ -415,6 +415,104 @@ def test_int8_aware_transfer_trains_the_head_on_the_int8_backbone_too(workdir, t
     assert json.loads((workdir / "artifacts/runs/t/meta.json").read_text())["args"]["int8_aware"] is True
 
 
+@pytest.mark.parametrize(
+    ("argv", "on"),
+    [
+        ([], True),  # the default: EfficientNet-Lite0 transfer on cached features
+        (["--model", "efficientnet_lite1"], True),
+        (["--no-int8-aware"], False),
+        (["--model", "resnet18"], False),  # measured on Lite only: pass --int8-aware
+        (["--augment", "basic"], False),  # no cached features to pair
+        (["--no-feature-cache"], False),
+        (["--mode", "finetune"], False),
+        (["--mode", "finetune", "--trainable-from", "11", "--int8-aware"], True),
+    ],
+)
+def test_int8_aware_default_is_on_where_the_export_trains_against_it(argv, on):
+    from training.cli import parse_args
+
+    args = parse_args(["--mode", "transfer", *argv])
+    assert args.int8_aware is on and args.int8_consistency == 50.0
+
+
+def test_int8_consistency_must_not_be_negative(workdir, tiny_folder, capsys):
+    assert run_train("--data", str(tiny_folder), "--mode", "transfer", "--int8-consistency", "-1") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--int8-consistency -1.0 is negative" in err[0]
+
+
+def test_int8_consistency_penalises_decision_changes_only():
+    """Paired [B, 2, F] batches: fp32 logits out, penalty on the centred difference of the dropout-free logits;
+    a shift of every logit (no decision changes) costs nothing; plain [B, F] batches pass through."""
+    from torch import nn
+
+    from training.engine import Int8Consistency, with_penalty
+
+    torch.manual_seed(0)
+    head = nn.Sequential(nn.Dropout(0.5), nn.Linear(6, 3))
+    m = Int8Consistency(head, 2.0).train()
+    x = torch.randn(5, 6)
+    crit = with_penalty(nn.CrossEntropyLoss(), m)
+    y = torch.zeros(5, dtype=torch.long)
+    same = m(torch.stack([x, x], 1))
+    assert same.shape == (5, 3) and m.penalty.item() == 0.0  # dropout does not count as INT8 error
+    assert crit(same, y).item() == pytest.approx(nn.CrossEntropyLoss()(same, y).item())
+    assert m.penalty is None  # consumed once
+    with torch.no_grad():
+        head[1].weight[:] = 1.0  # every logit moves alike with the input: no decision can change
+    m(torch.stack([x, x + 3.0], 1))
+    assert m.penalty.item() == pytest.approx(0.0, abs=1e-9)
+    with torch.no_grad():
+        head[1].weight.normal_()
+    noise = 0.5 * torch.randn_like(x)
+    m(torch.stack([x, x + noise], 1))
+    d = head[1](x) - head[1](x + noise)
+    expected = 2.0 * (d - d.mean(1, keepdim=True)).pow(2).mean()
+    assert m.penalty.item() == pytest.approx(expected.item(), rel=1e-5) and expected.item() > 0
+    m.eval()
+    m.penalty = None
+    assert torch.equal(m(x), head[1](x)) and m.penalty is None  # evaluation: plain features, no penalty
+
+
+def test_feature_loader_pairs_fp32_and_int8_features():
+    import numpy as np
+
+    from training.features import FeatureLoader
+
+    x = np.arange(20, dtype=np.float32).reshape(10, 2)
+    batches = list(FeatureLoader(x, np.zeros(10, np.int64), 4, list(range(10)), alt=-x, paired=True))
+    xs = torch.cat([b[0] for b in batches])
+    assert xs.shape == (10, 2, 2)
+    assert torch.equal(xs[:, 0], torch.from_numpy(x)) and torch.equal(xs[:, 1], -torch.from_numpy(x))
+
+
+def test_int8_aware_transfer_pulls_the_int8_decisions_towards_fp32(workdir, tiny_folder):
+    """On by default for a Lite transfer run: the head trained with the consistency penalty changes its logits
+    between the cached fp32 and INT8 features (centred: what decides) far less than one trained without."""
+    import numpy as np
+
+    from core.checkpoint import load_checkpoint
+
+    argv = ["--data", str(tiny_folder), "--mode", "transfer", "--model", "efficientnet_lite0", "--epochs", "30"]
+    assert run_train(*argv, "--lr", "0.01", "--name", "on") == 0
+    assert run_train(*argv, "--lr", "0.01", "--no-int8-aware", "--name", "off") == 0
+    runs = workdir / "artifacts/runs"
+    assert json.loads((runs / "on/meta.json").read_text())["args"]["int8_aware"] is True
+    assert json.loads((runs / "off/meta.json").read_text())["args"]["int8_aware"] is False
+    cache = workdir / "artifacts/cache/features"
+    (int8,) = cache.glob("*-train-int8-*.npz")
+    (fp32,) = [p for p in cache.glob("*-train-*.npz") if "int8" not in p.name]
+    f, q = np.load(fp32)["x"], np.load(int8)["x"]
+
+    def centred_change(run: str) -> float:
+        sd = load_checkpoint(runs / run / "last.pt").state_dict  # best.pt: an early epoch on 40 easy images
+        w, b = sd["head.fc.weight"].numpy(), sd["head.fc.bias"].numpy()
+        d = (f @ w.T + b) - (q @ w.T + b)
+        return float(np.sqrt(((d - d.mean(1, keepdims=True)) ** 2).mean()))
+
+    assert centred_change("on") < 0.5 * centred_change("off")
+
+
 @pytest.mark.parametrize(("kind", "ratio"), [("inverse", 3.0), ("sqrt", 3**0.5)])
 def test_class_weights_favour_rare_classes_and_keep_the_loss_scale(kind, ratio):
     from training.engine import class_weights

@@ -14,7 +14,7 @@ from core.transforms import eval_transform, train_transform
 from training import distributed, features
 from training.data import DataSource, ImageDataset, Split, balanced_subset, collate_skip
 from training.distributed import Dist
-from training.engine import predict, set_bn_momentum
+from training.engine import Int8Consistency, predict, set_bn_momentum, with_penalty
 from training.runs import ARTIFACTS
 
 
@@ -65,6 +65,10 @@ class Batches:
             self.frozen, self.trainee = Prefix(model.backbone, self.stop), Suffix(model.backbone, model.head, self.stop)
         else:
             self.frozen, self.trainee = model.backbone, model.head if self.use_features else model
+        # transfer --int8-aware: the head trains on fp32 and INT8 features side by side (training.engine)
+        self.paired = self.stop is None and self.use_features and args.int8_aware and args.int8_consistency > 0
+        if self.paired:
+            self.trainee = Int8Consistency(model.head, args.int8_consistency)
         set_bn_momentum(self.trainee, args.bn_momentum)
         self._train_tf = train_transform(spec, args.augment)
         self._eval_tf = eval_transform(spec)
@@ -110,10 +114,14 @@ class Batches:
             views = self.views if name == "train" else 1
             alt = self._cached_int8(split) if train and self.args.int8_aware else None
             seed = self.args.seed * 100_003 + epoch if train and (views > 1 or alt is not None) else None
-            return features.FeatureLoader(x, y, self.args.batch_size, ix, views, seed, alt)
+            return features.FeatureLoader(x, y, self.args.batch_size, ix, views, seed, alt, self.paired)
         if train:
             return image_loader(split, self._train_tf, self.args, ix)  # a list of indices serves as the sampler
         return image_loader(split, self._eval_tf, self.args, ix)
+
+    def criterion(self, crit):
+        """The training loss: `crit`, plus the INT8 consistency penalty where the head trains on paired features."""
+        return with_penalty(crit, self.trainee) if self.paired else crit
 
     def predict(self, name: str, split: Split) -> tuple[np.ndarray, np.ndarray, int]:
         """Logits and labels of a whole split, computed in shards and gathered on every rank."""

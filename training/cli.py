@@ -7,7 +7,7 @@ from pathlib import Path
 from typing import Any
 
 from core.errors import UserError
-from core.models import list_models
+from core.models import get_entry, list_models
 from core.models.classifier import HEADS, INITS
 from core.spec import COLOR_MODES, CROP_MODES, INTERPOLATIONS
 from core.transforms import AUGMENTATIONS
@@ -90,9 +90,18 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     g.add_argument(
         "--int8-aware",
-        action="store_true",
-        help="transfer or partial finetune: half of the samples come from the export's INT8 run of the frozen "
-        "part (backbone or first blocks), so what is trained learns to decide the same way on INT8 numbers",
+        action=argparse.BooleanOptionalAction,
+        help="train against the export's INT8 run of the frozen part (core.quantization.MIXED): in transfer mode "
+        "the head learns on each image's fp32 and INT8 features together (--int8-consistency); in a partial "
+        "finetune half of the samples come from the INT8 prefix. Default: on for EfficientNet-Lite transfer "
+        "runs on cached features (the default model), off otherwise; --no-int8-aware turns it off",
+    )
+    g.add_argument(
+        "--int8-consistency",
+        type=float,
+        default=50.0,
+        help="transfer with --int8-aware: weight of the penalty on the difference between the head's logits on "
+        "the fp32 and the INT8 features (each centred over the classes); 0 trains on both as separate samples",
     )
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine")
@@ -143,6 +152,15 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, k, v)
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise UserError("--epochs and --batch-size must be >= 1 and --lr > 0")
+    if args.int8_consistency < 0:
+        raise UserError(f"--int8-consistency {args.int8_consistency} is negative: give a weight >= 0, e.g. 50")
+    if args.int8_aware is None:  # measured where it matters: the default EfficientNet-Lite transfer model
+        args.int8_aware = (
+            args.mode == "transfer"
+            and args.augment == "none"
+            and not args.no_feature_cache
+            and get_entry(args.model).family == "efficientnet_lite"
+        )
     if args.bn_momentum is not None and not 0 < args.bn_momentum <= 1:
         raise UserError(
             f"--bn-momentum {args.bn_momentum} is outside (0, 1]: give the weight of each new batch, e.g. 0.1"

@@ -122,6 +122,48 @@ def _autocast(device: torch.device, amp: str | None):
     return nullcontext()
 
 
+def _without_dropout(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    if not isinstance(head, nn.Sequential):
+        return head(x)
+    for m in head:
+        x = x if isinstance(m, nn.Dropout) else m(x)
+    return x
+
+
+class Int8Consistency(nn.Module):
+    """What a transfer run with --int8-aware trains: the head, fed [B, 2, F] batches that hold each image's fp32
+    features and the export's INT8 backbone features (core.quantization.MIXED). The fp32 logits (with dropout)
+    go to the loss as usual; `penalty` holds weight x the mean squared difference between the head's dropout-free
+    logits on the two, each centred over the classes (a shift of all logits changes no decision), for
+    `with_penalty` to add. [B, F] batches (evaluation) pass straight through. Measured on the ELPV Lite0 model
+    (README): fp32/INT8 agreement 95.8 -> 99.0 % on validation at weight 50, for -0.9 points of fp32 accuracy."""
+
+    def __init__(self, head: nn.Module, weight: float) -> None:
+        super().__init__()
+        self.head, self.weight = head, weight
+        self.penalty: torch.Tensor | None = None
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if x.ndim != 3:
+            return self.head(x)
+        logits = self.head(x[:, 0])
+        d = _without_dropout(self.head, x[:, 0]) - _without_dropout(self.head, x[:, 1])
+        self.penalty = self.weight * (d - d.mean(1, keepdim=True)).pow(2).mean()
+        return logits
+
+
+def with_penalty(criterion, module: Int8Consistency):
+    """The criterion plus the penalty `module` computed in the forward pass that produced the logits."""
+
+    def loss(logits: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+        out = criterion(logits, y)
+        if module.penalty is not None:
+            out, module.penalty = out + module.penalty, None
+        return out
+
+    return loss
+
+
 def train_one_epoch(
     model: nn.Module,
     loader,

@@ -23,9 +23,9 @@ import torch
 from torch import nn
 
 from core.images import ImageError
-from core.onnx_export import torch_to_onnx
+from core.onnx_export import simplified, torch_to_onnx
 from core.preprocess import preprocess
-from core.quantization import QConfig, quantize_one
+from core.quantization import MIXED, quantize_one
 from core.spec import ModelSpec
 from training.data import Split, load_item
 from training.engine import progress_bar
@@ -84,10 +84,10 @@ def _batches(split: Split, spec: ModelSpec, batch_size: int) -> Iterator[tuple[n
             yield np.stack(arrays), keep
 
 
-# What --int8-aware trains against: the export's first candidate, corrected U8S8 (reduce-range avoids the int16
-# saturation of u8 x s8 pair sums on AVX2/AVX-512 CPUs) with its MinMax ranges on the export's default 256
-# calibration images.
-INT8_AWARE_CONFIG = QConfig(reduce_range=True, corrected=True)
+# What --int8-aware trains against: the export's first candidate (core.quantization.MIXED) with its MinMax ranges on
+# the export's default 256 calibration images. Its tail (pooling, concatenation, head) stays in float, so the INT8
+# backbone computes the same numbers here, without a head, as inside the exported model.
+INT8_AWARE_CONFIG = MIXED
 INT8_AWARE_CALIB = 256
 
 
@@ -98,9 +98,11 @@ def _ort_runner(backbone: nn.Module, spec: ModelSpec, tmp: Path, int8_calib: np.
     x = torch.zeros(1, spec.in_channels, spec.image_size, spec.image_size)
     torch_to_onnx(backbone, x, path, {0: "batch"}, 17, dynamo=False, output_name="features")
     if int8_calib is not None:  # the same ONNX Runtime INT8 numbers the export's candidate will compute
+        import onnx
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
-        quant_pre_process(str(path), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
+        onnx.save(simplified(path), str(tmp / "simplified.onnx"))  # the graph the export quantizes: padding folded
+        quant_pre_process(str(tmp / "simplified.onnx"), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
         path = quantize_one(
             tmp / "pre.onnx", tmp / "int8.onnx", int8_calib, INT8_AWARE_CONFIG, threads=torch.get_num_threads()
         )
@@ -176,7 +178,8 @@ def cached_features(
     calib = None
     if int8_calib is not None:  # the INT8 numbers depend on the calibration images and the scheme too
         tag += "-int8"
-        key = hashlib.sha256((key + cache_key(spec, weights, int8_calib) + INT8_AWARE_CONFIG.name).encode())
+        recipe = INT8_AWARE_CONFIG.name + "-onnxsim"  # how the INT8 graph is made: a change must not reuse old caches
+        key = hashlib.sha256((key + cache_key(spec, weights, int8_calib) + recipe).encode())
         key = key.hexdigest()[:24]
     path = cache_dir / f"{tag}-{key}.npz"
     if path.is_file():
@@ -209,6 +212,7 @@ class FeatureLoader:
         views: int = 1,
         view_seed: int | None = None,
         alt: np.ndarray | None = None,
+        paired: bool = False,
     ) -> None:
         self.x, self.y = torch.from_numpy(x), torch.from_numpy(y)
         self.batch_size, self.indices = batch_size, torch.tensor(indices, dtype=torch.long)
@@ -216,8 +220,9 @@ class FeatureLoader:
         rng = np.random.default_rng(view_seed)
         drawn = rng.integers(0, views, len(y)) if view_seed is not None else None
         self.views = torch.from_numpy(drawn if drawn is not None else np.zeros(len(y), np.int64))
-        # --int8-aware: each image comes from the INT8 run of the frozen part in half of the epochs (seeded)
-        self.alt = torch.from_numpy(alt) if alt is not None else None
+        # --int8-aware: each image comes from the INT8 run of the frozen part in half of the epochs (seeded), or
+        # (paired) every batch is [B, 2, ...]: each image's fp32 and INT8 features side by side
+        self.alt, self.paired = (torch.from_numpy(alt) if alt is not None else None), paired
         self.use_alt = torch.from_numpy(rng.random(len(y)) < 0.5) if alt is not None else None
 
     def __len__(self) -> int:
@@ -227,7 +232,9 @@ class FeatureLoader:
         for s in range(0, len(self.indices), self.batch_size):
             ix = self.indices[s : s + self.batch_size]
             x = self._take(self.x, ix)
-            if self.alt is not None:
+            if self.alt is not None and self.paired:
+                x = torch.stack([x, self._take(self.alt, ix)], 1)
+            elif self.alt is not None:
                 x = torch.where(self.use_alt[ix].view(-1, *[1] * (x.ndim - 1)), self._take(self.alt, ix), x)
             yield x, self.y[ix], 0
 

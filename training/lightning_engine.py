@@ -57,7 +57,9 @@ def fit_lightning(args: argparse.Namespace, batches: Batches, spec: ModelSpec, r
         def __init__(self) -> None:
             super().__init__()
             self.net = batches.trainee
-            self.crit = make_criterion(args, source.train.labels, len(source.class_names), torch.device("cpu"))
+            self.crit = batches.criterion(
+                make_criterion(args, source.train.labels, len(source.class_names), torch.device("cpu"))
+            )
             self.sums = [0.0, 0.0, 0, 0]  # loss*n, correct, seen, skipped
             self.t_epoch = 0.0
 

@@ -63,6 +63,7 @@ RESUME_LOCKED = (
     "trainable_from",
     "views",
     "int8_aware",
+    "int8_consistency",
     "class_weight",
 )
 
@@ -197,7 +198,7 @@ def fit(args, batches: Batches, spec: ModelSpec, run: Path, state: dict | None) 
         net = DDP(net, device_ids=[device.index] if device.type == "cuda" else None)
     if args.compile:
         net = torch.compile(net)
-    crit = make_criterion(args, source.train.labels, len(source.class_names), device)
+    crit = batches.criterion(make_criterion(args, source.train.labels, len(source.class_names), device))
     for epoch in range(rec.start, args.epochs + 1):
         torch.manual_seed(args.seed * 100_003 + epoch)  # dropout etc. identical whether resumed or not
         st = train_one_epoch(
