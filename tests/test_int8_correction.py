@@ -47,13 +47,13 @@ class Tiny(nn.Module):
         return self.fc(x.mean((2, 3)))
 
 
-def _export(model: nn.Module, path: Path) -> Path:
+def _export(model: nn.Module, path: Path, output: str = "logits") -> Path:
     torch.onnx.export(
         model.eval(),
         torch.zeros(1, 3, 16, 16),
         str(path),
         input_names=["input"],
-        output_names=["logits"],
+        output_names=[output],
         dynamic_axes={"input": {0: "batch"}},
         opset_version=17,
         dynamo=False,
@@ -227,17 +227,7 @@ def test_mixed_config_keeps_lead_and_tail_in_float_and_its_backbone_does_not_dep
 
     net = TinyResidual().eval()
     full = _export(net, tmp_path / "full.onnx")
-    backbone = tmp_path / "backbone.onnx"
-    torch.onnx.export(
-        _Features(net),
-        torch.zeros(1, 3, 16, 16),
-        str(backbone),
-        input_names=["input"],
-        output_names=["features"],
-        dynamic_axes={"input": {0: "batch"}},
-        opset_version=17,
-        dynamo=False,
-    )
+    backbone = _export(_Features(net), tmp_path / "backbone.onnx", "features")
     fp = onnx.load(str(full))
     convs = {n.name: n for n in fp.graph.node if n.op_type == "Conv"}
     picked = linear_output_convs(fp)
