@@ -442,9 +442,8 @@ def test_int8_consistency_must_not_be_negative(workdir, tiny_folder, capsys):
 
 
 def test_int8_consistency_penalises_decision_changes_only():
-    """Paired [B, 2, F] batches: fp32 logits out, penalty on the centred logit change that each feature's INT8
-    error (with a random sign) causes; a shift of every logit (no decision changes) costs nothing; plain [B, F]
-    batches pass through."""
+    """Paired [B, 2, F] batches: fp32 logits out, penalty on the centred difference of the dropout-free logits;
+    a shift of every logit (no decision changes) costs nothing; plain [B, F] batches pass through."""
     from torch import nn
 
     from training.engine import Int8Consistency, with_penalty
@@ -461,21 +460,15 @@ def test_int8_consistency_penalises_decision_changes_only():
     assert m.penalty is None  # consumed once
     with torch.no_grad():
         head[1].weight[:] = 1.0  # every logit moves alike with the input: no decision can change
-    m(torch.stack([x, x + 3.0 * torch.randn_like(x)], 1))
+    m(torch.stack([x, x + 3.0], 1))
     assert m.penalty.item() == pytest.approx(0.0, abs=1e-9)
     with torch.no_grad():
         head[1].weight.normal_()
-    err = torch.zeros_like(x)
-    err[:, 2] = 0.5 * torch.randn(5)  # one feature's error: its sign does not change the squared logit change
-    m(torch.stack([x, x + err], 1))
-    d = torch.outer(err[:, 2], head[1].weight[:, 2])
+    noise = 0.5 * torch.randn_like(x)
+    m(torch.stack([x, x + noise], 1))
+    d = head[1](x) - head[1](x + noise)
     expected = 2.0 * (d - d.mean(1, keepdim=True)).pow(2).mean()
     assert m.penalty.item() == pytest.approx(expected.item(), rel=1e-5) and expected.item() > 0
-    signs = []  # with several features, each one's error gets its own random sign
-    for _ in range(200):
-        m(torch.stack([x, x + 0.5], 1))
-        signs.append(m.penalty.item())
-    assert len({round(v, 6) for v in signs}) > 1
     m.eval()
     m.penalty = None
     assert torch.equal(m(x), head[1](x)) and m.penalty is None  # evaluation: plain features, no penalty

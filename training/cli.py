@@ -100,9 +100,8 @@ def get_args_parser() -> argparse.ArgumentParser:
         "--int8-consistency",
         type=float,
         default=50.0,
-        help="transfer with --int8-aware: weight of the penalty on how much each feature's INT8 error (random sign "
-        "per feature) moves the head's logits, centred over the classes; 0 trains on fp32 and INT8 features as "
-        "separate samples",
+        help="transfer with --int8-aware: weight of the penalty on the difference between the head's logits on "
+        "the fp32 and the INT8 features (each centred over the classes); 0 trains on both as separate samples",
     )
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine")
