@@ -68,8 +68,9 @@ class QConfig:
 # in float the INT8 backbone does not depend on the head, so the head can be trained on the features it will see.
 MIXED = QConfig(reduce_range=True, corrected=True, u8_linear=True, float_lead=0.12, float_tail=True)
 
-_POOL_AND_HEAD = {"ReduceMean", "ReduceMax", "GlobalAveragePool", "GlobalMaxPool", "Concat", "Flatten", "Gemm"}
-_POOL_AND_HEAD |= {"MatMul"}
+_POOL_AND_HEAD = frozenset(
+    ("ReduceMean", "ReduceMax", "GlobalAveragePool", "GlobalMaxPool", "Concat", "Flatten", "Gemm", "MatMul")
+)
 
 
 def leading_nodes(model: onnx.ModelProto, fraction: float) -> list[str]:
