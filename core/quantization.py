@@ -104,11 +104,8 @@ def tail_nodes(model: onnx.ModelProto) -> list[str]:
     return [n.name for n in model.graph.node if n.op_type in _POOL_AND_HEAD and n.name not in upstream]
 
 
-def float_nodes(src: Path, cfg: QConfig) -> list[str]:
+def float_nodes(model: onnx.ModelProto, cfg: QConfig) -> list[str]:
     """The nodes `cfg` keeps in fp32 by itself (float_lead, float_tail)."""
-    if not (cfg.float_lead or cfg.float_tail):
-        return []
-    model = onnx.load(str(src))
     return (leading_nodes(model, cfg.float_lead) if cfg.float_lead else []) + (
         tail_nodes(model) if cfg.float_tail else []
     )
@@ -138,10 +135,11 @@ def quantize_one(
 ) -> Path:
     """Quantize `src` to `out` with one configuration; `corrected` wraps ORT's call in core/int8_correction.py's
     steps (equalize the fp32 graph first, widen depthwise weights and correct biases after)."""
-    exclude = list(dict.fromkeys([*(exclude or []), *float_nodes(src, cfg)]))
+    fp = onnx.load(str(src)) if cfg.corrected or cfg.float_lead or cfg.float_tail else None
+    if fp is not None:
+        exclude = list(dict.fromkeys([*(exclude or []), *float_nodes(fp, cfg)]))
     if not cfg.corrected:
         return _quantize_static(src, out, calib, cfg, exclude, cache_dir)
-    fp = onnx.load(str(src))
     eq = equalize(fp, calib, threads)
     eq_path = out.with_name(out.stem + ".equalized.onnx")
     onnx.save(eq, str(eq_path))

@@ -11,6 +11,7 @@ from core.models import get_entry, list_models
 from core.models.classifier import HEADS, INITS
 from core.spec import COLOR_MODES, CROP_MODES, INTERPOLATIONS
 from core.transforms import AUGMENTATIONS
+from training.batches import transfer_cached
 from training.engine import CLASS_WEIGHTS, OPTIMIZERS, SCHEDULES
 
 MODES = ("scratch", "finetune", "transfer")
@@ -155,12 +156,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     if args.int8_consistency < 0:
         raise UserError(f"--int8-consistency {args.int8_consistency} is negative: give a weight >= 0, e.g. 50")
     if args.int8_aware is None:  # measured where it matters: the default EfficientNet-Lite transfer model
-        args.int8_aware = (
-            args.mode == "transfer"
-            and args.augment == "none"
-            and not args.no_feature_cache
-            and get_entry(args.model).family == "efficientnet_lite"
-        )
+        args.int8_aware = transfer_cached(args) and get_entry(args.model).family == "efficientnet_lite"
     if args.bn_momentum is not None and not 0 < args.bn_momentum <= 1:
         raise UserError(
             f"--bn-momentum {args.bn_momentum} is outside (0, 1]: give the weight of each new batch, e.g. 0.1"
