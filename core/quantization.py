@@ -140,13 +140,12 @@ def quantize_one(
         exclude = list(dict.fromkeys([*(exclude or []), *float_nodes(fp, cfg)]))
     if not cfg.corrected:
         return _quantize_static(src, out, calib, cfg, exclude, cache_dir)
-    eq = equalize(fp, calib, threads)
-    eq_path = out.with_name(out.stem + ".equalized.onnx")
-    onnx.save(eq, str(eq_path))
+    eq, eq_path = _equalized(src, fp, calib, threads, cache_dir, out)
     try:
         _quantize_static(eq_path, out, calib, cfg, exclude, cache_dir, cache_tag="-equalized")
     finally:
-        eq_path.unlink(missing_ok=True)
+        if cache_dir is None:
+            eq_path.unlink(missing_ok=True)
     q = onnx.load(str(out))
     float_output(q)
     widen_depthwise(q, eq)
@@ -155,6 +154,19 @@ def quantize_one(
     correct_bias(q, eq, calib, threads, reference=fp)
     onnx.save(q, str(out))
     return out
+
+
+def _equalized(
+    src: Path, fp: onnx.ModelProto, calib: np.ndarray, threads: int, cache_dir: Path | None, out: Path
+) -> tuple[onnx.ModelProto, Path]:
+    """The equalized fp32 graph and a file holding it. It depends on the model and the calibration images only, so
+    with a cache_dir (one search: one model, one calibration set) every corrected candidate shares one pass."""
+    path = cache_dir / f"{src.stem}.equalized.onnx" if cache_dir else out.with_name(out.stem + ".equalized.onnx")
+    if cache_dir and path.is_file():
+        return onnx.load(str(path)), path
+    eq = equalize(fp, calib, threads)
+    onnx.save(eq, str(path))
+    return eq, path
 
 
 def _quantize_static(

@@ -267,3 +267,17 @@ def test_mixed_config_keeps_lead_and_tail_in_float_and_its_backbone_does_not_dep
     assert np.abs(logits - head).max() < 1e-4
     (ref,) = _run(fp, held)
     assert np.abs(logits - ref).max() > 0  # INT8 numbers, not a float copy
+
+
+def test_a_search_cache_shares_one_equalization_and_changes_no_number(tiny, tmp_path):
+    """With a cache folder (one search: one model, one calibration set) the corrected candidates reuse one
+    equalized graph; the INT8 models are byte-for-byte what each call makes on its own."""
+    calib = _images(64, 4)
+    cache = tmp_path / "cache"
+    cache.mkdir()
+    cfgs = (QConfig(reduce_range=True, corrected=True), QConfig(reduce_range=True, corrected=True, u8_linear=True))
+    alone = [quantize_one(tiny, tmp_path / f"alone{i}.onnx", calib, c) for i, c in enumerate(cfgs)]
+    shared = [quantize_one(tiny, cache / f"shared{i}.onnx", calib, c, cache_dir=cache) for i, c in enumerate(cfgs)]
+    assert len(list(cache.glob("*.equalized.onnx"))) == 1
+    for a, s in zip(alone, shared, strict=True):
+        assert onnx.load(str(a)).graph.initializer == onnx.load(str(s)).graph.initializer

@@ -568,3 +568,83 @@ def test_bn_momentum_sets_how_fast_trained_batchnorm_statistics_move(workdir, ca
     assert json.loads((workdir / "artifacts/runs/bn-fast/meta.json").read_text())["args"]["bn_momentum"] == 0.9
     code = run_scratch(folder, epochs=2, name=None, resume="bn-fast", bn_momentum=0.5)
     assert code == 2 and "changed options ['bn_momentum']" in capsys.readouterr().err
+
+
+def _logits(pred: list[int], classes: int = 3):
+    import numpy as np
+
+    out = np.zeros((len(pred), classes), np.float32)
+    out[np.arange(len(pred)), pred] = 5.0
+    return out
+
+
+def test_int8_select_prefers_epochs_whose_int8_model_fits_the_default_budget(tmp_path):
+    """An epoch whose INT8 model breaks the export's default budget on validation (agreement < 98 %, or a class
+    losing > 5 points) loses to any epoch that fits, however accurate it is; among fitting epochs, accuracy decides;
+    without INT8 logits accuracy alone decides, as before."""
+    import argparse
+
+    import numpy as np
+
+    from training.recorder import EpochRecorder
+
+    y = np.repeat([0, 1, 2], 20)
+    train = {"loss": 1.0, "acc": 0.5, "skipped": 0, "seconds": 0.1}
+    good = y.copy()
+    good[[0, 20]] = 2  # 2 of 60 wrong: 96.7 %
+    fair = y.copy()
+    fair[[0, 1, 20, 21, 40]] = 1  # 5 of 60 wrong
+    int8_off = good.copy()
+    int8_off[[2, 3]] = 1  # the INT8 model changes 2 of 60 decisions (96.7 % agreement): outside the budget
+    args = argparse.Namespace(patience=0, epochs=3)
+    rec = EpochRecorder(args, None, tmp_path, False, None)
+    rec.end_epoch(1, train, _logits(list(fair)), y, 1e-3, None, {}, _logits(list(fair)))
+    assert rec.best["epoch"] == 1 and rec.best["int8_fits"] is True
+    rec.end_epoch(2, train, _logits(list(good)), y, 1e-3, None, {}, _logits(list(int8_off)))
+    assert rec.best["epoch"] == 1  # more accurate, but its INT8 model would be refused
+    assert rec.history[1]["val_int8_fits"] == 0 and rec.history[1]["val_int8_agreement"] == pytest.approx(58 / 60)
+    rec.end_epoch(3, train, _logits(list(good)), y, 1e-3, None, {}, _logits(list(good)))
+    assert rec.best["epoch"] == 3 and rec.best["val_int8_agreement"] == 1.0
+    plain = EpochRecorder(args, None, tmp_path, False, None)
+    plain.end_epoch(1, train, _logits(list(fair)), y, 1e-3, None, {})
+    plain.end_epoch(2, train, _logits(list(good)), y, 1e-3, None, {})
+    assert plain.best["epoch"] == 2 and "val_int8_agreement" not in plain.history[0]
+
+
+def test_int8_aware_transfer_selects_its_epoch_on_validation_int8_logits(workdir, tiny_folder):
+    """On by default with --int8-aware transfer: every epoch logs its INT8 model's validation agreement, the best
+    epoch is the most accurate one among those that fit the default budget, metrics.json records it; the validation
+    INT8 features are cached (a second run reads them); --no-int8-select keeps the accuracy-only choice."""
+    import numpy as np
+
+    argv = ["--data", str(tiny_folder), "--mode", "transfer", "--model", "efficientnet_lite0", "--epochs", "6"]
+    assert run_train(*argv, "--lr", "0.01", "--name", "sel") == 0
+    run = workdir / "artifacts/runs/sel"
+    rows = list(csv.DictReader(io.StringIO((run / "history.csv").read_text())))
+    assert len(rows) == 6 and all(0.0 <= float(r["val_int8_agreement"]) <= 1.0 for r in rows)
+    fitting = [r for r in rows if r["val_int8_fits"] == "1"] or rows
+    best = max(fitting, key=lambda r: (float(r["val_acc"]), -float(r["val_loss"])))
+    metrics = json.loads((run / "metrics.json").read_text())
+    assert metrics["best_epoch"] == int(best["epoch"])
+    assert metrics["val_int8_agreement"] == pytest.approx(float(best["val_int8_agreement"]))
+    cache = workdir / "artifacts/cache/features"
+    (val_int8,) = cache.glob("*-val-int8-*.npz")
+    (val,) = [p for p in cache.glob("*-val-*.npz") if "int8" not in p.name]
+    assert np.load(val_int8)["x"].shape == np.load(val)["x"].shape
+    assert run_train(*argv, "--lr", "0.01", "--no-int8-select", "--name", "plain") == 0
+    plain = workdir / "artifacts/runs/plain"
+    assert "val_int8_agreement" not in (plain / "history.csv").read_text()
+    assert "val_int8_agreement" not in json.loads((plain / "metrics.json").read_text())
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--mode", "transfer", "--no-int8-aware", "--int8-select"],
+        ["--mode", "finetune", "--trainable-from", "11", "--int8-aware", "--int8-select"],
+    ],
+)
+def test_int8_select_outside_an_int8_aware_transfer_run_is_refused(workdir, tiny_folder, capsys, argv):
+    assert run_train("--data", str(tiny_folder), "--model", "efficientnet_lite0", "--epochs", "1", *argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "--int8-select chooses among the epochs of a transfer head" in err[0]

@@ -74,13 +74,13 @@ class Batches:
         self._eval_tf = eval_transform(spec)
         self._features: dict[str, tuple[np.ndarray, np.ndarray]] = {}
 
-    def _cached_int8(self, split: Split) -> np.ndarray:
-        """The training views through the export's INT8 model of the frozen part (the backbone in transfer mode,
-        the first blocks in a partial finetune), calibrated on the images the export calibrates on (training
-        split, class-balanced subset)."""
+    def _cached_int8(self, name: str, split: Split) -> np.ndarray:
+        """A split (the training views, or validation) through the export's INT8 model of the frozen part (the
+        backbone in transfer mode, the first blocks in a partial finetune), calibrated on the images the export
+        calibrates on (training split, class-balanced subset)."""
         calib = balanced_subset(self.source.train.labels, features.INT8_AWARE_CALIB)
         subset = Split([self.source.train.items[i] for i in calib], [self.source.train.labels[i] for i in calib])
-        return self._cached("train", split, subset)[0]
+        return self._cached(name, split, subset)[0]
 
     def _cached(self, name: str, split: Split, int8_calib: Split | None = None) -> tuple[np.ndarray, np.ndarray]:
         name_key = name + ("-int8" if int8_calib is not None else "")
@@ -112,7 +112,7 @@ class Batches:
         ix = distributed.epoch_order(n, self.args.seed, epoch, self.d) if train else distributed.eval_indices(n, self.d)
         if self.use_features:
             views = self.views if name == "train" else 1
-            alt = self._cached_int8(split) if train and self.args.int8_aware else None
+            alt = self._cached_int8("train", split) if train and self.args.int8_aware else None
             seed = self.args.seed * 100_003 + epoch if train and (views > 1 or alt is not None) else None
             return features.FeatureLoader(x, y, self.args.batch_size, ix, views, seed, alt, self.paired)
         if train:
@@ -125,7 +125,22 @@ class Batches:
 
     def predict(self, name: str, split: Split) -> tuple[np.ndarray, np.ndarray, int]:
         """Logits and labels of a whole split, computed in shards and gathered on every rank."""
-        logits, labels, skipped = predict(self.trainee, self.loader(name, split, train=False), self.device)
+        return self._gathered(self.loader(name, split, train=False))
+
+    def predict_int8_val(self) -> np.ndarray | None:
+        """Transfer --int8-aware: the head's logits on the validation images' INT8 backbone features (the export's
+        MIXED numbers; the tail is float, so these are exactly the INT8 model's logits), in the order of
+        predict("val"); None for other runs and with --no-int8-select. What the INT8-aware epoch selection reads."""
+        transfer = self.stop is None and self.use_features
+        if not (transfer and self.args.int8_aware and self.args.int8_select is not False):
+            return None
+        xq = self._cached_int8("val", self.source.val)
+        _, y = self._cached("val", self.source.val)
+        ix = distributed.eval_indices(len(y), self.d)
+        return self._gathered(features.FeatureLoader(xq, y, self.args.batch_size, ix, 1, None, None, False))[0]
+
+    def _gathered(self, loader) -> tuple[np.ndarray, np.ndarray, int]:
+        logits, labels, skipped = predict(self.trainee, loader, self.device)
         logits, labels = distributed.gather_arrays(self.d, logits, labels)
         (skipped,) = distributed.sum_all(self.d, [skipped])
         return logits, labels, int(skipped)

@@ -104,6 +104,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="transfer with --int8-aware: weight of the penalty on the difference between the head's logits on "
         "the fp32 and the INT8 features (each centred over the classes); 0 trains on both as separate samples",
     )
+    g.add_argument(
+        "--int8-select",
+        action=argparse.BooleanOptionalAction,
+        help="transfer with --int8-aware: the best epoch is the most accurate one on validation among those whose "
+        "INT8 model fits the export's default budget on validation (agreement >= 98 %%, top-1 drop <= 1 point, no "
+        "class drop > 5 points; core/gates.py), else the most accurate one. Default: on wherever --int8-aware trains "
+        "a transfer head; --no-int8-select: accuracy alone",
+    )
     g.add_argument("--weight-decay", type=float, default=0.05)
     g.add_argument("--schedule", choices=SCHEDULES, default="cosine")
     g.add_argument("--warmup-epochs", type=float, default=1.0)

@@ -117,7 +117,8 @@ def fit_lightning(args: argparse.Namespace, batches: Batches, spec: ModelSpec, r
                 "engine": "lightning",
             }
             lr = opt.param_groups[-1]["lr"]
-            if rec.end_epoch(self.epoch, train, logits, labels, lr, model, resume_state):
+            int8 = batches.predict_int8_val()
+            if rec.end_epoch(self.epoch, train, logits, labels, lr, model, resume_state, int8):
                 self.trainer.should_stop = True
 
     cuda = batches.device.type == "cuda"

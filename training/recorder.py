@@ -21,6 +21,8 @@ import torch.nn.functional as F
 from core.atomic import atomic_write
 from core.checkpoint import Checkpoint, save_checkpoint
 from core.faults import crash_point
+from core.gates import Budget, compare
+from core.gates import fits as gates_fit
 from core.spec import ModelSpec
 from core.torch_io import atomic_torch_save
 
@@ -37,7 +39,7 @@ class EpochRecorder:
     def __init__(self, args: argparse.Namespace, spec: ModelSpec, run: Path, main: bool, state: dict | None) -> None:
         self.args, self.spec, self.run, self.main = args, spec, run, main
         self.history: list[dict[str, Any]] = []
-        self.best: dict[str, Any] = {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0}
+        self.best: dict[str, Any] = {"val_acc": -1.0, "val_loss": float("inf"), "epoch": 0, "int8_fits": False}
         self.bad, self.start = 0, 1
         self._t0, self._wall0 = time.perf_counter(), 0.0  # wall time of this process + of earlier ones (resume)
         if state:
@@ -54,8 +56,11 @@ class EpochRecorder:
         lr: float,
         model: torch.nn.Module,
         resume_state: dict[str, Any],
+        int8_logits: np.ndarray | None = None,
     ) -> bool:
-        """Record one epoch, save, log. Returns True when early stopping says stop."""
+        """Record one epoch, save, log. Returns True when early stopping says stop. With `int8_logits` (the INT8
+        model's logits on the same validation images: --int8-aware --int8-select), an epoch whose INT8 model fits
+        the export's default budget beats any epoch that does not, whatever their accuracies."""
         val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
         val_acc = float((val_logits.argmax(1) == val_labels).mean())
         row = {
@@ -68,10 +73,18 @@ class EpochRecorder:
             "seconds": round(train["seconds"], 2),
             "skipped": int(train["skipped"]),
         }
+        fits = True
+        if int8_logits is not None:
+            stats = compare(val_logits, int8_logits, val_labels)
+            fits = gates_fit(stats, Budget())
+            row |= {"val_int8_agreement": stats["agreement"] / 100, "val_int8_fits": int(fits)}
         self.history.append(row)
-        improved = (val_acc, -val_loss) > (self.best["val_acc"], -self.best["val_loss"])
+        key = (fits, val_acc, -val_loss)
+        improved = key > (self.best.get("int8_fits", True), self.best["val_acc"], -self.best["val_loss"])
         if improved:
-            self.best, self.bad = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch}, 0
+            self.best, self.bad = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch, "int8_fits": fits}, 0
+            if "val_int8_agreement" in row:
+                self.best["val_int8_agreement"] = row["val_int8_agreement"]
         else:
             self.bad += 1
         crash_point("epoch")
@@ -117,6 +130,11 @@ class EpochRecorder:
             f"epoch {row['epoch']:3d}/{self.args.epochs}  train loss {row['train_loss']:.4f} acc "
             f"{row['train_acc']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | lr {row['lr']:.2e}"
             f" | {row['seconds']:.1f}s"
+            + (
+                f" | int8 agree {100 * row['val_int8_agreement']:.2f} % {'fits' if row['val_int8_fits'] else 'outside'}"
+                if "val_int8_agreement" in row
+                else ""
+            )
             + (f" | skipped {row['skipped']}" if row["skipped"] else "")
             + ("  *best*" if improved else ""),
             flush=True,

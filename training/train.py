@@ -64,6 +64,7 @@ RESUME_LOCKED = (
     "views",
     "int8_aware",
     "int8_consistency",
+    "int8_select",
     "class_weight",
 )
 
@@ -92,8 +93,8 @@ def build_spec(args: argparse.Namespace, source: DataSource, weights: str | None
 
 
 def check_partial(args: argparse.Namespace, entry: ModelEntry) -> None:
-    """Recipe options (--trainable-from, --views, --int8-aware, --bn-momentum) only where they mean something; each
-    refusal says why."""
+    """Recipe options (--trainable-from, --views, --int8-aware, --int8-select, --bn-momentum) only where they mean
+    something; each refusal says why."""
     if args.views != "auto" and not (args.trainable_from is not None or args.mode == "transfer"):
         raise UserError("--views applies to cached features: --mode transfer or --trainable-from; use --augment")
     if args.views not in ("auto", "1") and args.augment != "none":
@@ -102,6 +103,11 @@ def check_partial(args: argparse.Namespace, entry: ModelEntry) -> None:
         raise UserError(
             "--int8-aware trains on the cached INT8 output of the frozen part: use --mode transfer (without "
             "--augment/--no-feature-cache) or --trainable-from"
+        )
+    if args.int8_select and not (args.int8_aware and args.trainable_from is None and transfer_cached(args)):
+        raise UserError(
+            "--int8-select chooses among the epochs of a transfer head trained with --int8-aware on cached features "
+            "(where the INT8 model's validation logits cost nothing): add --int8-aware, or drop --int8-select"
         )
     if args.bn_momentum is not None and args.mode == "transfer":
         raise UserError(
@@ -223,7 +229,8 @@ def fit(args, batches: Batches, spec: ModelSpec, run: Path, state: dict | None) 
             "scheduler": sched.state_dict(),
             "scaler": scaler.state_dict() if scaler else None,
         }
-        if rec.end_epoch(epoch, train, logits, labels, opt.param_groups[-1]["lr"], model, resume_state):
+        lr, int8 = opt.param_groups[-1]["lr"], batches.predict_int8_val()
+        if rec.end_epoch(epoch, train, logits, labels, lr, model, resume_state, int8):
             break
     return rec.close()
 
@@ -245,6 +252,7 @@ def finish(args, batches: Batches, spec: ModelSpec, run: Path, result: dict) -> 
         "unreadable_files": batches.source.skipped,
         "best_epoch": result["best"]["epoch"],
         "val_accuracy": result["best"]["val_acc"],
+        **{k: result["best"][k] for k in ("val_int8_agreement", "int8_fits") if k in result["best"]},
         "training_seconds": round(result["wall"], 1),
         "params": params,
         "size_mb": round((run / "best.pt").stat().st_size / 2**20, 2),
