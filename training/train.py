@@ -252,7 +252,11 @@ def finish(args, batches: Batches, spec: ModelSpec, run: Path, result: dict) -> 
         "unreadable_files": batches.source.skipped,
         "best_epoch": result["best"]["epoch"],
         "val_accuracy": result["best"]["val_acc"],
-        **{k: result["best"][k] for k in ("val_int8_agreement", "int8_fits") if k in result["best"]},
+        **(
+            {"val_int8_agreement": result["best"]["val_int8_agreement"], "val_int8_fits": result["best"]["int8_fits"]}
+            if "val_int8_agreement" in result["best"]
+            else {}
+        ),
         "training_seconds": round(result["wall"], 1),
         "params": params,
         "size_mb": round((run / "best.pt").stat().st_size / 2**20, 2),
