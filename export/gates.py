@@ -9,9 +9,9 @@ from dataclasses import fields
 import numpy as np
 
 from core.errors import UserError
-from core.gates import MIN_CLASS_SUPPORT, Budget, compare, fits
+from core.gates import Budget, compare, fits
 
-__all__ = ["MIN_CLASS_SUPPORT", "Budget", "add_budget_flags", "budget_from", "compare", "fits", "judge_candidate"]
+__all__ = ["Budget", "add_budget_flags", "budget_from", "compare", "fits", "judge_candidate"]
 
 
 FLAGS = {  # Budget field -> (flag, help)

@@ -30,6 +30,12 @@ def transfer_cached(args: argparse.Namespace) -> bool:
     return args.mode == "transfer" and args.augment == "none" and not args.no_feature_cache
 
 
+def int8_select_applies(args: argparse.Namespace) -> bool:
+    """Where --int8-select means something: a transfer head trained with --int8-aware on cached features, whose INT8
+    model's validation logits are the head on the cached INT8 features."""
+    return bool(args.int8_aware) and args.trainable_from is None and transfer_cached(args)
+
+
 def image_loader(split: Split, transform, args: argparse.Namespace, sampler) -> DataLoader:
     return DataLoader(
         ImageDataset(split, transform),
@@ -131,8 +137,7 @@ class Batches:
         """Transfer --int8-aware: the head's logits on the validation images' INT8 backbone features (the export's
         MIXED numbers; the tail is float, so these are exactly the INT8 model's logits), in the order of
         predict("val"); None for other runs and with --no-int8-select. What the INT8-aware epoch selection reads."""
-        transfer = self.stop is None and self.use_features
-        if not (transfer and self.args.int8_aware and self.args.int8_select is not False):
+        if not int8_select_applies(self.args) or self.args.int8_select is False:
             return None
         xq = self._cached_int8("val", self.source.val)
         _, y = self._cached("val", self.source.val)

@@ -24,7 +24,7 @@ from core.models.efficientnet_lite import freeze_prefix
 from core.spec import ModelSpec
 from core.torch_io import safe_torch_load
 from training import check_data, distributed
-from training.batches import Batches, transfer_cached
+from training.batches import Batches, int8_select_applies, transfer_cached
 from training.cli import parse_args
 from training.data import DataSource, load_source
 from training.distributed import Dist
@@ -104,7 +104,7 @@ def check_partial(args: argparse.Namespace, entry: ModelEntry) -> None:
             "--int8-aware trains on the cached INT8 output of the frozen part: use --mode transfer (without "
             "--augment/--no-feature-cache) or --trainable-from"
         )
-    if args.int8_select and not (args.int8_aware and args.trainable_from is None and transfer_cached(args)):
+    if args.int8_select and not int8_select_applies(args):
         raise UserError(
             "--int8-select chooses among the epochs of a transfer head trained with --int8-aware on cached features "
             "(where the INT8 model's validation logits cost nothing): add --int8-aware, or drop --int8-select"
