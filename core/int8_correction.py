@@ -4,7 +4,7 @@ ORT's `quantize_static` rounds every weight and activation and stops there. On t
 transfer model that keeps only 74.7 % top-1 agreement with fp32 on this AVX2 CPU, and the error is not random:
 measured layer by layer, the mean of each convolution's output shifts (0.8 on a channel whose output is ~3 in
 the first depthwise convolution), because a cell image is nearly uniform, so each layer's inputs have a large
-mean and the rounding errors of a kernel's weights add up instead of cancelling. Four steps, each measured on
+mean and the rounding errors of a kernel's weights add up instead of cancelling. Five steps, each measured on
 that model (validation split, QDQ U8S8 per-channel reduce-range; README "INT8 corrections"):
 
 1. `equalize` (before quantizing, fp32 graph): channels that leave a ReLU/ReLU6 with a small range use a few of
@@ -12,21 +12,27 @@ that model (validation split, QDQ U8S8 per-channel reduce-range; README "INT8 co
    up by k (producer weights and bias x k, consumer's input weights / k) so that it fills the range. Exact for
    ReLU; for ReLU6 k is capped so the channel's calibration maximum stays <= 6 (values beyond it are clipped
    at the calibration range, as the quantizer would clip them anyway).
-2. `widen_depthwise` (after): reduce-range keeps weights to 7 bits because the AVX2/AVX-512 U8S8 GEMM adds
-   pairs of u8 x s8 products in int16 and can saturate; depthwise convolutions do not go through that GEMM, so
-   their weights get the full 8 bits back.
+2. `widen_depthwise` (after): reduce-range keeps weights to 7 bits for CPUs whose U8S8 GEMM adds pairs of
+   u8 x s8 products in int16 and can saturate (AVX2/AVX-512 without VNNI in ONNX Runtime's advice; measured by
+   `core.quantization.s8_saturates`); depthwise convolutions do not go through that GEMM, so their weights get
+   the full 8 bits back.
 3. `correct_bias` (after): each quantized layer's own weight error shifts its output mean by
    conv(W_q - W, mean input); that shift is subtracted from the layer's int32 bias (bias correction, Nagel et
    al. 2019, computed with the quantized model's own input means), and the output layer's remaining mean logit
    shift on the calibration images is removed the same way.
 4. `float_output` (after, before 3): ORT also rounds the logits to 256 levels; the output's Q/DQ pair is dropped.
+5. `align_input` (after, before 3): ORT's min/max step for an input in [-1, 1] puts every 8-bit pixel half-way
+   between two levels; the input is quantized on its own pixel grid instead, exactly (`input_grid`).
 
 Optional: `u8_pointwise` gives dense convolutions 8-bit uint8 weights, which ORT's u8 x u8 kernel multiplies
 without the int16 saturation, at a speed cost: all of them (`QConfig(u8_pointwise=True)`, full search), or only
-`linear_output_convs` (`QConfig(u8_linear=True)`, the fast search's mixed candidate), where 7-bit weights hurt most.
+`linear_output_convs` (`QConfig(u8_linear=True)`, `core.quantization.MIXED_7BIT`), where 7-bit weights hurt
+most. Only CPUs whose U8S8 kernel saturates need 7-bit weights (`core.quantization.s8_saturates`); ONNX Runtime
+1.32 on the AVX2 CPU of the README does not, and `MIXED` keeps 8 bits everywhere.
 
-Steps 1-3 only change initializers and step 4 removes one Q/DQ pair of a few thousand multiply-adds, so the graph
-ORT runs (and its speed) is the one `quantize_static` wrote. Together: 74.7 % -> 96 % agreement on that model.
+Steps 1-3 only change initializers, step 4 removes one Q/DQ pair of a few thousand multiply-adds and step 5 adds one
+elementwise Add on the input, so the graph ORT runs (and its speed) is the one `quantize_static` wrote. Steps 1-4:
+74.7 % -> 96 % agreement on that model; with 8-bit weights and step 5, 98.3 % (README).
 """
 
 from __future__ import annotations
@@ -287,6 +293,85 @@ def float_output(q: onnx.ModelProto) -> bool:
     used = {i for n in q.graph.node for i in n.input}
     for i in [i for i in q.graph.initializer if i.name in set(qn.input[1:]) | set(dq.input[1:]) and i.name not in used]:
         q.graph.initializer.remove(i)  # the pair's scale and zero point (ORT warns about unused initializers)
+    return True
+
+
+# A grid fits when every calibration value is an integer number of steps from the smallest (within this share of a
+# step) and there are at most 256 steps: 8-bit pixels normalised by one mean and std for all channels.
+GRID_TOLERANCE = 1e-3
+
+
+def input_grid(calib: np.ndarray) -> tuple[float, float] | None:
+    """(step, smallest value) of the one uniform grid of <= 256 levels every calibration input lies on, else None.
+
+    Preprocessed 8-bit images are on such a grid when the normalisation divides every channel by the same std
+    (grayscale replicated to 3 channels, Lite's mean = std = 0.5): x = (p / 255 - mean) / std. Images resized to
+    another size (interpolated) or per-channel stds (ImageNet's) are not, and the input stays as ORT quantized it."""
+    v = np.unique(calib.astype(np.float64))
+    if len(v) < 2 or len(v) > 256:
+        return None
+    levels = round((v[-1] - v[0]) / np.diff(v).min())  # the step from the whole span: float32 rounding averages out
+    step = float(v[-1] - v[0]) / levels
+    k = (v - v[0]) / step
+    if np.abs(k - np.round(k)).max() > GRID_TOLERANCE or k[-1] > 255 + GRID_TOLERANCE:
+        return None
+    return step, float(v[0])
+
+
+def align_input(q: onnx.ModelProto, fp: onnx.ModelProto, calib: np.ndarray) -> bool:
+    """Quantize the graph input on the calibration images' own pixel grid (input_grid) instead of ORT's min/max
+    step, so that an 8-bit image passes the input quantization unchanged.
+
+    ORT maps [min, max] = [-1, 1] onto 0..255 with the zero point 128; a pixel p is then (p - 127.5) steps, exactly
+    half-way between two levels, and rounding moves every pixel by half a step, up or down with its parity: noise
+    over the whole image that alone flips 2.4 % of the ELPV model's decisions (measured on the fp32 model fed the
+    rounded input; the reason the mixed candidate kept its high-resolution first layers in fp32). Here the input
+    is shifted by that fraction of a step before quantizing (x - f * step lies on the integer grid, so rounding
+    is exact), the step becomes the grid's, and the convolutions reading it absorb the shift in their int32 bias
+    (b + f * step * sum(W) per output channel: exact away from the one-pixel zero-padded border). Only when the
+    input is quantized (U8) and read by quantized convolutions alone; returns whether the graph changed."""
+    grid = input_grid(calib)
+    init, _, consumers = _graph_maps(q)
+    name = q.graph.input[0].name
+    qn = [n for n in consumers.get(name, []) if n.op_type == "QuantizeLinear"]
+    if grid is None or len(qn) != 1 or len(consumers[name]) != 1 or qn[0].input[2] not in init:
+        return False
+    qn = qn[0]
+    zp_old = numpy_helper.to_array(init[qn.input[2]])
+    if zp_old.dtype != np.uint8:
+        return False
+    dqs = consumers.get(qn.output[0], [])
+    layers = {n.name: (n, t, w, b, x) for n, t, w, b, x in _quantized_convs(q, fp)}
+    readers = [c for dq in dqs for c in consumers.get(dq.output[0], [])]
+    if (
+        not dqs
+        or any(d.op_type != "DequantizeLinear" or d.input[1:] != qn.input[1:] for d in dqs)
+        or any(r.name not in layers or r.input[0] not in {d.output[0] for d in dqs} for r in readers)
+    ):
+        return False
+    step, low = grid
+    base = low / step
+    whole = int(np.floor(base + GRID_TOLERANCE))  # x - frac * step = (k + whole) * step for the k-th level
+    frac = base - whole if abs(base - whole) > GRID_TOLERANCE else 0.0
+    zero = (255 - round((float(calib.max()) - low) / step)) // 2 - whole  # the levels centred in 0..255
+    if not 0 <= zero <= 255:
+        return False
+    shift = frac * step
+    for r in readers:
+        _, _, wdq, bdq, _ = layers[r.name]
+        w = _dequantized(init, wdq)
+        b = _dequantized(init, bdq) + shift * w.reshape(len(w), -1).sum(1)  # every input channel moved by shift
+        b_scale = numpy_helper.to_array(init[wdq.input[1]]).astype(np.float64) * step
+        _set(init, bdq.input[1], b_scale.astype(np.float32))
+        _set(init, bdq.input[0], _int32(b / b_scale))
+    _set(init, qn.input[1], np.array(step, np.float32))
+    _set(init, qn.input[2], np.array(zero, np.uint8))
+    if shift:
+        shifted, offset = f"{name}_on_grid", f"{name}_grid_offset"
+        q.graph.initializer.append(numpy_helper.from_array(np.array(-shift, np.float32), offset))
+        qn.input[0] = shifted
+        at = list(q.graph.node).index(qn)
+        q.graph.node.insert(at, onnx.helper.make_node("Add", [name, offset], [shifted], name=shifted))
     return True
 
 

@@ -24,30 +24,31 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from core.checkpoint import load_checkpoint
 from core.errors import UserError, run_cli
-from core.quantization import MIXED, QConfig, leading_nodes, quantize_one
+from core.quantization import MIXED, MIXED_7BIT, QConfig, leading_nodes, quantize_one, s8_saturates
 from export.common import calibration_for, selection_for
 from export.gates import Budget, add_budget_flags, budget_from, compare, fits
 from export.onnx_io import run_onnx
 from export.runtime import make_session
 
 # The fast search starts with the mixed candidate (core.quantization.MIXED: the corrections of core/int8_correction.py,
-# 8-bit weights for the layers that write the residual stream, the first 12 % of the convolutions and the pooling +
-# classifier tail in fp32; what --int8-aware training, on by default in transfer mode, trains the head against) and
-# the all-INT8 corrected candidate (equalization, 8-bit depthwise weights, bias correction), and keeps ORT's plain
-# settings, which are the fastest where they fit (VNNI CPUs without the AVX2 int16 saturation). Symmetric S8
-# activations and per-tensor weights lost on every model measured here, and the histogram calibrators (Percentile,
-# Entropy) keep every activation of every calibration image (on a 300 px Lite0 with 256 images they exceeded 24 GB):
-# full search only.
+# 8-bit weights, the input quantized on its pixel grid, the pooling + classifier tail in float; what --int8-aware
+# training, on by default in transfer mode, trains the head against), then the earlier mixed candidate for CPUs whose
+# U8S8 kernel saturates 8-bit weights (MIXED_7BIT: 7-bit weights, 8-bit uint8 ones for the layers that write the
+# residual stream, the first 12 % of the convolutions in fp32) and the all-INT8 corrected 7-bit candidate, and keeps
+# ORT's plain settings, which are the fastest where they fit. ORT's reduce-range default, symmetric S8 activations
+# and per-tensor weights lost on every model measured here, and the histogram calibrators (Percentile, Entropy) keep
+# every activation of every calibration image (on a 300 px Lite0 with 256 images they exceeded 24 GB): full search.
 FAST_SEARCH = (
     MIXED,
+    MIXED_7BIT,
     QConfig(reduce_range=True, corrected=True),
     QConfig(),
     QConfig(fmt="QOperator"),
-    QConfig(reduce_range=True),
 )
 FULL_SEARCH = (
     *FAST_SEARCH,
-    QConfig(corrected=True),  # 8-bit weights: where the CPU has VNNI (no int16 saturation) or on ARM
+    QConfig(reduce_range=True),  # ORT's advice for CPUs without VNNI
+    QConfig(corrected=True),  # MIXED with its tail quantized too
     QConfig(reduce_range=True, corrected=True, u8_pointwise=True),  # 8-bit dense weights without VNNI, slower
     QConfig(activations="S8"),
     QConfig(per_channel=False),
@@ -241,6 +242,11 @@ def run_search(
         f"INT8 search ({args.search}) choosing on {desc or f'{len(select.y)} validation images'}; budget: drop <= "
         f"{budget.max_drop} pt, agreement >= {budget.min_agreement} %, class drop <= {budget.max_class_drop} pt"
     )
+    if s8_saturates():
+        print(
+            f"note: this CPU's ONNX Runtime U8S8 kernel saturates 8-bit signed weights; {MIXED.name} cannot match "
+            f"fp32 here, {MIXED_7BIT.name} (7-bit and uint8 weights) is the candidate made for it"
+        )
     report = search(
         src,
         out,
@@ -253,6 +259,7 @@ def run_search(
         args.force,
     )
     report["selected_on"] = desc or f"{len(select.y)} validation images"
+    report["s8_saturates"] = s8_saturates()
     print(search_table(report))
     if not report["chosen"]:
         print(refusal_message(out, src, args.search, mode))

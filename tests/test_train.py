@@ -611,6 +611,32 @@ def test_int8_select_prefers_epochs_whose_int8_model_fits_the_default_budget(tmp
     assert plain.best["epoch"] == 2 and "val_int8_agreement" not in plain.history[0]
 
 
+@pytest.mark.parametrize("margin, chosen", [(None, 1), (1.0, 1), (0.0, 2)])
+def test_int8_select_margin_asks_more_agreement_than_the_gate(tmp_path, margin, chosen):
+    """With the default margin (1 point) an epoch at 98.3 % agreement (59 of 60) does not count as fitting, so a
+    less accurate epoch at 100 % wins; with --int8-select-margin 0 the gate itself decides and the accurate one wins."""
+    import argparse
+
+    import numpy as np
+
+    from training.recorder import EpochRecorder, selection_budget
+
+    y = np.repeat([0, 1, 2], 20)
+    train = {"loss": 1.0, "acc": 0.5, "skipped": 0, "seconds": 0.1}
+    fair, good = y.copy(), y.copy()
+    fair[[0, 1, 20, 21, 40]] = 1  # 5 of 60 wrong
+    good[[0]] = 2  # 1 of 60 wrong
+    close = good.copy()
+    close[0] = 1  # its INT8 model changes 1 of 60 decisions (wrong either way): 98.33 % agreement, no drop
+    args = argparse.Namespace(patience=0, epochs=2, int8_select_margin=margin)
+    assert selection_budget(args).min_agreement == 98.0 + (1.0 if margin is None else margin)
+    rec = EpochRecorder(args, None, tmp_path, False, None)
+    rec.end_epoch(1, train, _logits(list(fair)), y, 1e-3, None, {}, _logits(list(fair)))
+    rec.end_epoch(2, train, _logits(list(good)), y, 1e-3, None, {}, _logits(list(close)))
+    assert rec.history[1]["val_int8_agreement"] == pytest.approx(59 / 60)
+    assert rec.best["epoch"] == chosen and rec.history[1]["val_int8_fits"] == int(chosen == 2)
+
+
 def test_int8_aware_transfer_selects_its_epoch_on_validation_int8_logits(workdir, tiny_folder):
     """On by default with --int8-aware transfer: every epoch logs its INT8 model's validation agreement, the best
     epoch is the most accurate one among those that fit the default budget, metrics.json records it; the validation
@@ -649,3 +675,23 @@ def test_int8_select_outside_an_int8_aware_transfer_run_is_refused(workdir, tiny
     assert run_train("--data", str(tiny_folder), "--model", "efficientnet_lite0", "--epochs", "1", *argv) == 2
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and "--int8-select chooses among the epochs of a transfer head" in err[0]
+
+
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["--int8-select-margin", "2.5"], "the margin must be 0 to 2 points"),
+        (["--int8-select-margin", "-1"], "the margin must be 0 to 2 points"),
+        (
+            ["--no-int8-select", "--int8-select-margin", "0.5"],
+            "is a rule of --int8-select, which this run does not use",
+        ),
+        (["--no-int8-aware", "--int8-select-margin", "0.5"], "is a rule of --int8-select, which this run does not use"),
+    ],
+)
+def test_a_bad_int8_select_margin_is_refused(workdir, tiny_folder, capsys, argv, message):
+    argv = ["--data", str(tiny_folder), "--model", "efficientnet_lite0", "--mode", "transfer", "--epochs", "1", *argv]
+    assert run_train(*argv) == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and message in err[0]
+    assert not (workdir / "artifacts/runs").exists() or not any((workdir / "artifacts/runs").iterdir())

@@ -25,7 +25,7 @@ from torch import nn
 from core.images import ImageError
 from core.onnx_export import simplified, torch_to_onnx
 from core.preprocess import preprocess
-from core.quantization import MIXED, quantize_one
+from core.quantization import int8_aware_config, quantize_one
 from core.spec import ModelSpec
 from training.data import Split, load_item
 from training.engine import progress_bar
@@ -84,10 +84,10 @@ def _batches(split: Split, spec: ModelSpec, batch_size: int) -> Iterator[tuple[n
             yield np.stack(arrays), keep
 
 
-# What --int8-aware trains against: the export's first candidate (core.quantization.MIXED) with its MinMax ranges on
-# the export's default 256 calibration images. Its tail (pooling, concatenation, head) stays in float, so the INT8
-# backbone computes the same numbers here, without a head, as inside the exported model.
-INT8_AWARE_CONFIG = MIXED
+# What --int8-aware trains against: the export's first candidate that can fit on this CPU
+# (core.quantization.int8_aware_config: MIXED) with its MinMax ranges on the export's default 256 calibration
+# images. Its tail (pooling, concatenation, head) stays in float, so the INT8 backbone computes the same numbers
+# here, without a head, as inside the exported model.
 INT8_AWARE_CALIB = 256
 
 
@@ -104,7 +104,7 @@ def _ort_runner(backbone: nn.Module, spec: ModelSpec, tmp: Path, int8_calib: np.
         onnx.save(simplified(path), str(tmp / "simplified.onnx"))  # the graph the export quantizes: padding folded
         quant_pre_process(str(tmp / "simplified.onnx"), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
         path = quantize_one(
-            tmp / "pre.onnx", tmp / "int8.onnx", int8_calib, INT8_AWARE_CONFIG, threads=torch.get_num_threads()
+            tmp / "pre.onnx", tmp / "int8.onnx", int8_calib, int8_aware_config(), threads=torch.get_num_threads()
         )
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
@@ -178,7 +178,9 @@ def cached_features(
     calib = None
     if int8_calib is not None:  # the INT8 numbers depend on the calibration images and the scheme too
         tag += "-int8"
-        recipe = INT8_AWARE_CONFIG.name + "-onnxsim"  # how the INT8 graph is made: a change must not reuse old caches
+        # how the INT8 graph is made (configuration, simplified graph, input on its pixel grid): a change of any of
+        # them must not reuse old caches
+        recipe = int8_aware_config().name + "-onnxsim-grid"
         key = hashlib.sha256((key + cache_key(spec, weights, int8_calib) + recipe).encode())
         key = key.hexdigest()[:24]
     path = cache_dir / f"{tag}-{key}.npz"

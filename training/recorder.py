@@ -27,6 +27,18 @@ from core.spec import ModelSpec
 from core.torch_io import atomic_torch_save
 
 RESUME_FORMAT = 1
+# --int8-select's margin over the budget's agreement (points). The validation split is a sample: at 98 % agreement
+# on 296 images its standard error is 0.8 points, so an epoch chosen at exactly the gate misses it on the test split
+# about half the time (measured on ELPV, 2026-12-05: chosen at 98.31 % on validation, 97.67 % on test).
+DEFAULT_INT8_SELECT_MARGIN = 1.0
+
+
+def selection_budget(args: argparse.Namespace) -> Budget:
+    """The export's default budget with --int8-select-margin points more agreement (at most 100 %)."""
+    margin = getattr(args, "int8_select_margin", None)
+    b = Budget()
+    b.min_agreement = min(100.0, b.min_agreement + (DEFAULT_INT8_SELECT_MARGIN if margin is None else margin))
+    return b
 
 
 def vars_json(args: argparse.Namespace) -> dict:
@@ -60,7 +72,8 @@ class EpochRecorder:
     ) -> bool:
         """Record one epoch, save, log. Returns True when early stopping says stop. With `int8_logits` (the INT8
         model's logits on the same validation images: --int8-aware --int8-select), an epoch whose INT8 model fits
-        the export's default budget beats any epoch that does not, whatever their accuracies."""
+        the export's default budget with --int8-select-margin to spare (selection_budget) beats any epoch that
+        does not, whatever their accuracies."""
         val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
         val_acc = float((val_logits.argmax(1) == val_labels).mean())
         row = {
@@ -76,7 +89,7 @@ class EpochRecorder:
         fits = True
         if int8_logits is not None:
             stats = compare(val_logits, int8_logits, val_labels)
-            fits = gates_fit(stats, Budget())
+            fits = gates_fit(stats, selection_budget(self.args))
             row |= {"val_int8_agreement": stats["agreement"] / 100, "val_int8_fits": int(fits)}
         self.history.append(row)
         key = (fits, val_acc, -val_loss)

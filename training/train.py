@@ -18,6 +18,7 @@ from torch.nn.parallel import DistributedDataParallel as DDP
 from core.atomic import remove_stale_temps
 from core.checkpoint import Checkpoint, save_checkpoint
 from core.errors import UserError, run_cli
+from core.gates import Budget
 from core.models import ModelEntry, create_model, default_spec, get_entry
 from core.models.classifier import init_weights
 from core.models.efficientnet_lite import freeze_prefix
@@ -65,6 +66,7 @@ RESUME_LOCKED = (
     "int8_aware",
     "int8_consistency",
     "int8_select",
+    "int8_select_margin",
     "class_weight",
 )
 
@@ -108,6 +110,14 @@ def check_partial(args: argparse.Namespace, entry: ModelEntry) -> None:
         raise UserError(
             "--int8-select chooses among the epochs of a transfer head trained with --int8-aware on cached features "
             "(where the INT8 model's validation logits cost nothing): add --int8-aware, or drop --int8-select"
+        )
+    margin = args.int8_select_margin
+    if margin is not None and (args.int8_select is False or not int8_select_applies(args)):
+        raise UserError("--int8-select-margin is a rule of --int8-select, which this run does not use: drop it")
+    if margin is not None and not 0 <= margin <= 100 - Budget().min_agreement:
+        raise UserError(
+            f"--int8-select-margin {margin:g}: the budget asks {Budget().min_agreement:g} % agreement, so the margin "
+            f"must be 0 to {100 - Budget().min_agreement:g} points"
         )
     if args.bn_momentum is not None and args.mode == "transfer":
         raise UserError(
