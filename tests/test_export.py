@@ -541,3 +541,29 @@ def test_one_checkpoint_resolver_for_every_stage(workdir, monkeypatch):
     assert (
         resolve_checkpoint(str(RUNS / "r1")) == common.default_checkpoint(str(RUNS / "r1")) == RUNS / "r1" / "best.pt"
     )
+
+
+def test_the_retry_tries_the_two_closest_configurations_and_twins_only_uncorrected_ones():
+    """With no candidate inside the budget the search retries with the leading layers in fp32: the two closest
+    configurations by validation agreement (errors skipped), each uncorrected one with its QDQ/QOperator twin."""
+    from core.quantization import MIXED, MIXED_7BIT, QConfig
+    from export.quantize import FAST_SEARCH, retry_configs
+
+    def rows(*agreements):
+        return [
+            {"config": c.name, "agreement": a} if a is not None else {"config": c.name, "error": "boom"}
+            for c, a in zip(FAST_SEARCH, agreements, strict=True)
+        ]
+
+    assert FAST_SEARCH[:2] == (MIXED, MIXED_7BIT)
+    # the partial finetune of the README: MIXED_7BIT closest, MIXED next; both corrected, no twins
+    assert retry_configs(rows(96.96, 97.97, 94.93, 88.18, 88.18), FAST_SEARCH) == (MIXED_7BIT, MIXED)
+    # plain QDQ closest: it and its QOperator twin, then MIXED; the QOperator row itself is not added twice
+    qdq, qop = QConfig(), QConfig(fmt="QOperator")
+    assert retry_configs(rows(95.0, 90.0, 91.0, 96.0, 96.0), FAST_SEARCH) == (qdq, qop)
+    assert retry_configs(rows(95.0, 90.0, 91.0, 96.0, 80.0), FAST_SEARCH) == (qdq, qop, MIXED)
+    # a candidate that failed to quantize is never retried
+    assert retry_configs(rows(None, 90.0, 91.0, 80.0, 70.0), FAST_SEARCH) == (
+        QConfig(reduce_range=True, corrected=True),
+        MIXED_7BIT,
+    )
