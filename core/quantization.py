@@ -19,6 +19,7 @@ from onnxruntime.quantization import (
 )
 
 from core.int8_correction import (
+    _session,
     align_input,
     correct_bias,
     equalize,
@@ -83,7 +84,6 @@ def s8_saturates() -> bool:
     """Whether ONNX Runtime's U8S8 convolution on this CPU saturates 8-bit signed weights: one 64-channel 1 x 1 QDQ
     convolution whose every input is 255 and every weight +-127 (a pair of products sums to 64,770, past int16),
     compared with the exact sum. False on the AMD EPYC Zen 3 (AVX2, no VNNI) of the README with onnxruntime 1.32."""
-    import onnxruntime as ort
     from onnx import TensorProto, helper, numpy_helper
 
     c, o = 64, 2
@@ -106,10 +106,7 @@ def s8_saturates() -> bool:
         [helper.make_tensor_value_info("y", TensorProto.FLOAT, None)],
         [numpy_helper.from_array(np.asarray(v), k) for k, v in consts.items()],
     )
-    model = helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)])
-    so = ort.SessionOptions()
-    so.log_severity_level = 3
-    sess = ort.InferenceSession(model.SerializeToString(), so, providers=["CPUExecutionProvider"])
+    sess = _session(helper.make_model(graph, opset_imports=[helper.make_opsetid("", 17)]), threads=1)
     y = sess.run(None, {"x": np.full((1, c, 4, 4), 6.0, np.float32)})[0][:, :, 0, 0]
     exact = 6.0 * 0.01 * w.reshape(o, -1).astype(np.float64).sum(1)  # +-487.7; saturated pairs give about half
     return bool(np.abs(y[0] - exact).max() > 4.0)  # one output step

@@ -31,13 +31,14 @@ from export.onnx_io import run_onnx
 from export.runtime import make_session
 
 # The fast search starts with the mixed candidate (core.quantization.MIXED: the corrections of core/int8_correction.py,
-# 8-bit weights, the input quantized on its pixel grid, the pooling + classifier tail in float; what --int8-aware
+# 8-bit weights, the first 12 % of the convolutions and the pooling + classifier tail in float; what --int8-aware
 # training, on by default in transfer mode, trains the head against), then the earlier mixed candidate for CPUs whose
 # U8S8 kernel saturates 8-bit weights (MIXED_7BIT: 7-bit weights, 8-bit uint8 ones for the layers that write the
-# residual stream, the first 12 % of the convolutions in fp32) and the all-INT8 corrected 7-bit candidate, and keeps
-# ORT's plain settings, which are the fastest where they fit. ORT's reduce-range default, symmetric S8 activations
-# and per-tensor weights lost on every model measured here, and the histogram calibrators (Percentile, Entropy) keep
-# every activation of every calibration image (on a 300 px Lite0 with 256 images they exceeded 24 GB): full search.
+# residual stream, the same fp32 lead) and the all-INT8 corrected 7-bit candidate (its input quantized on its pixel
+# grid), and keeps ORT's plain settings, which are the fastest where they fit. ORT's plain reduce-range setting,
+# symmetric S8 activations and per-tensor weights never fit or won on a model measured here, and the histogram
+# calibrators (Percentile, Entropy) keep every activation of every calibration image (on a 300 px Lite0 with 256
+# images they exceeded 24 GB): full search.
 FAST_SEARCH = (
     MIXED,
     MIXED_7BIT,
