@@ -24,7 +24,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 
 from core.checkpoint import load_checkpoint
 from core.errors import UserError, run_cli
-from core.quantization import MIXED, MIXED_7BIT, QConfig, leading_nodes, quantize_one, s8_saturates
+from core.quantization import MIXED, MIXED_7BIT, QConfig, lead_steps, quantize_one, s8_saturates
 from export.common import calibration_for, selection_for
 from export.gates import Budget, add_budget_flags, budget_from, compare, fits
 from export.onnx_io import run_onnx
@@ -80,7 +80,11 @@ def throughput(path: Path, x: np.ndarray, threads: int) -> float:
     return batch_throughput(lambda xb: sess.run(None, {name: xb}), x)
 
 
-LEADING_FRACTION = 0.2  # share of the convolutions kept in fp32 by the retry (see core.quantization.leading_nodes)
+# When nothing fits, the retry keeps a growing float lead: each of the two closest configurations with the first
+# blocks in fp32, up to RETRY_STEPS block ends past MIXED's 12 % (core.quantization.lead_steps), until it fits; a
+# graph without block ends there keeps the first LEADING_FRACTION of its convolutions in fp32 instead.
+RETRY_STEPS = 3
+LEADING_FRACTION = 0.2
 
 
 def search(
@@ -94,44 +98,51 @@ def search(
     threads: int,
     force: bool = False,
 ) -> dict:
-    """Try configs, pick the fastest inside the budget; keep the leading layers in fp32 and retry if none fits."""
+    """Try configs, pick the fastest inside the budget; if none fits, retry the closest ones with a float lead grown
+    block by block until each fits (RETRY_STEPS)."""
     pre = out.with_name(out.stem + ".pre.onnx")
     quant_pre_process(str(src), str(pre), skip_symbolic_shape=True)
     ref = run_onnx(src, held_x, threads)
     fp32_tput = throughput(src, held_x, threads)
-    rows, exclude = [], []
+    rows: list[dict] = []
     with tempfile.TemporaryDirectory() as d:
-        for attempt in range(2):
-            for cfg in configs:
-                label = cfg.name + ("+fp32-lead" if exclude else "")
-                cand = Path(d) / f"{cfg.name}-{attempt}.onnx"
-                try:
-                    quantize_one(pre, cand, calib, cfg, exclude, Path(d), threads)
-                    stats = compare(ref, run_onnx(cand, held_x, threads), held_y)
-                except Exception as e:
-                    rows.append({"config": label, "error": str(e).splitlines()[0][:100], "fits": False})
-                    continue
-                rows.append(
-                    {
-                        "config": label,
-                        **stats,
-                        "img_per_s": throughput(cand, held_x, threads),
-                        "size_mb": cand.stat().st_size / 2**20,
-                        "excluded": list(exclude),
-                        "fits": fits(stats, budget),
-                        "path": str(cand),
-                    }
-                )
-                print(_row_line(rows[-1]), flush=True)
-            ok = [r for r in rows if r["fits"]]
-            if ok or attempt == 1:
-                break
-            configs = retry_configs(rows, configs)
-            exclude = leading_nodes(onnx.load(str(pre)), LEADING_FRACTION)
-            print(
-                f"no configuration fits the budget; retrying {' and '.join(c.name for c in configs)} with the "
-                f"first {LEADING_FRACTION:.0%} of the convolutions in fp32 ({len(exclude)} nodes)"
+
+        def attempt(cfg: QConfig, exclude: list[str], label: str) -> bool:
+            cand = Path(d) / f"candidate-{len(rows)}.onnx"
+            try:
+                quantize_one(pre, cand, calib, cfg, exclude, Path(d), threads)
+                stats = compare(ref, run_onnx(cand, held_x, threads), held_y)
+            except Exception as e:
+                rows.append({"config": label, "error": str(e).splitlines()[0][:100], "fits": False})
+                return False
+            rows.append(
+                {
+                    "config": label,
+                    **stats,
+                    "img_per_s": throughput(cand, held_x, threads),
+                    "size_mb": cand.stat().st_size / 2**20,
+                    "excluded": list(exclude),
+                    "fits": fits(stats, budget),
+                    "path": str(cand),
+                }
             )
+            print(_row_line(rows[-1]), flush=True)
+            return rows[-1]["fits"]
+
+        for cfg in configs:
+            attempt(cfg, [], cfg.name)
+        if not any(r["fits"] for r in rows):
+            pending = list(retry_configs(rows, configs))
+            steps = lead_steps(onnx.load(str(pre)), MIXED.float_lead, RETRY_STEPS, LEADING_FRACTION)
+            print(
+                f"no configuration fits the budget; retrying {' and '.join(c.name for c in pending)} with a float "
+                f"lead grown block by block ({', '.join(f'{f:.0%}' for f, _ in steps)} of the convolutions), each "
+                "until it fits"
+            )
+            for share, exclude in steps:
+                pending = [c for c in pending if not attempt(c, exclude, f"{c.name}+fp32-lead{share:.0%}")]
+                if not pending:
+                    break
         ok = [r for r in rows if r["fits"]]
         chosen = max(ok, key=lambda r: r["img_per_s"]) if ok else None
         if chosen is None and force:

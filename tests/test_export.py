@@ -1,4 +1,5 @@
 import json
+import re
 
 import numpy as np
 import onnx
@@ -215,8 +216,9 @@ def test_int8_refused_when_no_candidate_fits_names_the_next_step(exported_run, m
     assert "NOT written" in printed
     assert f"python export/quantize.py --onnx {out / 'model.onnx'} --search full" in printed  # the command to run
     q = json.loads((out / "quantization.json").read_text())
-    retried = [r for r in q["candidates"] if r["config"].endswith("+fp32-lead")]
+    retried = [r for r in q["candidates"] if "+fp32-lead" in r["config"]]
     assert retried and all(r["excluded"] for r in retried)  # the retry kept the leading layers in fp32
+    assert all(re.search(r"\+fp32-lead\d+%$", r["config"]) for r in retried)  # labelled with the lead's share
 
     # the demo shows the refusal and its figures instead of a bare "not exported"
     from demo.app import not_served

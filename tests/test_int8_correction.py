@@ -362,3 +362,86 @@ def test_a_search_cache_shares_one_equalization_and_changes_no_number(tiny, tmp_
     assert len(list(cache.glob("*.equalized.onnx"))) == 1
     for a, s in zip(alone, shared, strict=True):
         assert onnx.load(str(a)).graph.initializer == onnx.load(str(s)).graph.initializer
+
+
+class Blocks(nn.Module):
+    """stem, then four inverted-residual blocks: 0 and 2 with a skip, 1 and 3 without (stride 2 / wider output, so
+    the next block reads the projection directly and the following skip Add takes it too), then head conv, pooling,
+    linear. Block ends: block 0's Add, block 1's projection, block 2's Add, block 3's projection."""
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.stem = nn.Conv2d(3, 8, 3, padding=1)
+        chans = [(8, 8, 1), (8, 12, 2), (12, 12, 1), (12, 16, 1)]
+        self.blocks = nn.ModuleList(
+            nn.ModuleDict(
+                {
+                    "expand": nn.Conv2d(i, 2 * i, 1),
+                    "dw": nn.Conv2d(2 * i, 2 * i, 3, stride=s, padding=1, groups=2 * i),
+                    "project": nn.Conv2d(2 * i, o, 1),
+                }
+            )
+            for i, o, s in chans
+        )
+        self.skip = [i == o and s == 1 for i, o, s in chans]
+        self.head_conv, self.fc = nn.Conv2d(16, 24, 1), nn.Linear(24, 3)
+
+    def forward(self, x):
+        x = nn.functional.relu6(self.stem(x))
+        for b, skip in zip(self.blocks, self.skip, strict=True):
+            y = b["project"](nn.functional.relu6(b["dw"](nn.functional.relu6(b["expand"](x)))))
+            x = x + y if skip else y
+        return self.fc(nn.functional.relu6(self.head_conv(x)).mean((2, 3)))
+
+
+def test_float_leads_grow_block_by_block_and_end_where_a_block_does():
+    """core.quantization.block_ends / lead_steps: a lead of the retry ends at a residual Add or at a projection the
+    next block reads directly, never inside a block; leads grow; a graph without block ends falls back to a share
+    of the convolutions."""
+    import io
+
+    from core.quantization import block_ends, lead_steps, leading_nodes
+
+    buf = io.BytesIO()
+    torch.onnx.export(Blocks().eval(), torch.zeros(1, 3, 16, 16), buf, input_names=["input"], dynamo=False)
+    m = onnx.load_from_string(buf.getvalue())
+    nodes = list(m.graph.node)
+    ends = [nodes[i].name for i in block_ends(m)]
+    # block 1's projection has two readers (block 2's expansion and its skip Add): the block ends at the Conv
+    assert ends == ["/Add", "/project_1/Conv", "/Add_1", "/project_3/Conv", "/head_conv/Conv"]
+    steps = lead_steps(m, 0.0, 3, 0.5)
+    assert [lead[-1] for _, lead in steps] == ends[:3]
+    assert [round(s, 3) for s, _ in steps] == [round(k / 14, 3) for k in (4, 7, 10)]  # convs kept / 14
+    assert all(lead == [n.name for n in nodes[: len(lead)]] for _, lead in steps)  # each a prefix of the graph
+    later = lead_steps(m, 4 / 14, 3, 0.5)  # past the first block end: the next ones, never the head conv
+    assert [lead[-1] for _, lead in later] == ends[1:4]
+
+    plain = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU(), nn.Conv2d(4, 4, 3), nn.ReLU(), nn.Flatten(), nn.LazyLinear(2))
+    plain(torch.zeros(1, 3, 16, 16))
+    buf = io.BytesIO()
+    torch.onnx.export(plain.eval(), torch.zeros(1, 3, 16, 16), buf, input_names=["input"], dynamo=False)
+    pm = onnx.load_from_string(buf.getvalue())
+    assert lead_steps(pm, 0.12, 3, 0.5) == [(0.5, leading_nodes(pm, 0.5))]
+
+
+def test_the_retry_grows_each_configurations_lead_until_it_fits(tmp_path, monkeypatch):
+    """export.quantize.search: when nothing fits, each of the closest configurations is retried with the next block
+    end's lead until it fits, and only those that still miss go on growing; the fastest fit is written."""
+    from core.gates import Budget
+    from export import quantize
+
+    src = _export(Blocks(), tmp_path / "blocks.onnx")
+    verdicts = iter([False, False, True, True])  # plain; QDQ and QOperator at the first lead; QDQ at the second
+    monkeypatch.setattr(quantize, "fits", lambda stats, budget: next(verdicts))
+    calib, held = _images(32, 3), _images(24, 4)
+    report = quantize.search(src, tmp_path / "q.onnx", calib, held, np.zeros(24, np.int64), Budget(), (QConfig(),), 1)
+    rows = report["candidates"]
+    assert [r["config"] for r in rows] == [
+        "QDQ-U8S8-pc-MinMax",
+        "QDQ-U8S8-pc-MinMax+fp32-lead29%",  # Blocks: 4 of 14 convolutions up to block 0's Add
+        "QOperator-U8S8-pc-MinMax+fp32-lead29%",
+        "QDQ-U8S8-pc-MinMax+fp32-lead50%",  # QOperator fit: only QDQ grows
+    ]
+    assert rows[1]["excluded"][-1] == "/Add" and rows[3]["excluded"][-1] == "/project_1/Conv"
+    assert report["chosen"] == max(rows[2:], key=lambda r: r["img_per_s"])["config"]
+    assert (tmp_path / "q.onnx").is_file()

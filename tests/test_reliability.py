@@ -96,6 +96,26 @@ def test_sigkill_then_resume_matches_uninterrupted_run(crash_env, point, restart
     assert torch.load(run_dir / "resume.pt", weights_only=True)["epoch"] == EPOCHS
 
 
+def test_sigkill_then_resume_with_ema_matches_uninterrupted_run(crash_env):
+    """--ema: resume.pt holds the averaged model and the live weights; a run killed mid-epoch 2 and resumed ends
+    with the uninterrupted --ema run's history and weights."""
+    root, data = crash_env
+    ref = run(train_cmd(data, "ref-ema", "--ema", "0.9"), root)
+    assert ref.returncode == 0, ref.stderr[-2000:]
+    killed = run(train_cmd(data, "k-ema", "--ema", "0.9"), root, crash="step#6")
+    assert killed.returncode == -signal.SIGKILL, killed.stderr[-2000:]
+    res = run(train_cmd(data, "k-ema", "--ema", "0.9", "--resume", "k-ema"), root)
+    assert res.returncode == 0 and "resuming k-ema at epoch 2/" in res.stdout, res.stderr[-2000:]
+    runs = root / "artifacts/runs"
+    got, want = history(runs / "k-ema"), history(runs / "ref-ema")
+    assert len(got) == EPOCHS and history(runs / "ref")[-1]["val_loss"] != want[-1]["val_loss"]
+    for g, w in zip(got, want, strict=True):
+        for k in ("train_loss", "val_loss", "train_acc", "val_acc"):
+            assert abs(g[k] - w[k]) <= 1e-6, (k, g["epoch"], g[k], w[k])
+    a, b = load_checkpoint(runs / "k-ema/last.pt").state_dict, load_checkpoint(runs / "ref-ema/last.pt").state_dict
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
+
+
 def test_resume_without_any_run_is_a_clear_error(workdir, tiny_folder):
     res = run(train_cmd(tiny_folder, "x", "--resume"), workdir)
     assert res.returncode == 2 and res.stderr.strip().startswith("error: nothing to resume")
@@ -170,6 +190,22 @@ def test_lightning_engine_same_format_same_numbers_and_resumes_across_engines(tm
         assert abs(ck.metrics["accuracy"] - ref.metrics["accuracy"]) <= 0.01  # comparable (here: equal)
         for g, w in zip(history(runs / name), history(runs / "plain"), strict=True):
             assert abs(g["train_loss"] - w["train_loss"]) <= 1e-6 and abs(g["val_loss"] - w["val_loss"]) <= 1e-6
+
+
+def test_lightning_engine_averages_weights_like_the_plain_one(tmp_path, monkeypatch):
+    """--ema under --engine lightning: the same averaged numbers as the plain engine, and different ones from a run
+    without the average."""
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for name, extra in (("p", ()), ("pe", ("--ema", "0.9")), ("le", ("--ema", "0.9", "--engine", "lightning"))):
+        res = run(digits_cmd(name, 32, *extra), tmp_path)
+        assert res.returncode == 0, res.stderr[-2000:]
+    runs = tmp_path / "artifacts/runs"
+    plain, pe, le = (history(runs / n) for n in ("p", "pe", "le"))
+    assert any(abs(a["val_loss"] - b["val_loss"]) > 1e-4 for a, b in zip(plain, pe, strict=True))
+    for g, w in zip(le, pe, strict=True):
+        assert abs(g["train_loss"] - w["train_loss"]) <= 1e-6 and abs(g["val_loss"] - w["val_loss"]) <= 1e-6
+    a, b = load_checkpoint(runs / "le/best.pt").state_dict, load_checkpoint(runs / "pe/best.pt").state_dict
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
 
 
 def test_lightning_missing_is_a_clear_error(workdir, monkeypatch, capsys):

@@ -695,3 +695,72 @@ def test_a_bad_int8_select_margin_is_refused(workdir, tiny_folder, capsys, argv,
     err = capsys.readouterr().err.strip().splitlines()
     assert len(err) == 1 and message in err[0]
     assert not (workdir / "artifacts/runs").exists() or not any((workdir / "artifacts/runs").iterdir())
+
+
+def test_weight_ema_averages_floats_copies_counters_and_swaps_back():
+    """training.ema.WeightEma: after each step shadow = d * shadow + (1 - d) * live with the warmed-up decay
+    d_n = min(decay, (1 + n) / (10 + n)); integer buffers are copied; swapped() evaluates the average and puts the
+    live weights back; state/restore round-trip what resume.pt keeps."""
+    from torch import nn
+
+    from training.ema import WeightEma
+
+    net = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    ema = WeightEma(net, 0.5)
+    w0 = net[0].weight.detach().clone()
+    with torch.no_grad():
+        net[0].weight.add_(1.0)
+    net[1].num_batches_tracked += 7
+    ema.update()  # d_1 = min(0.5, 2 / 11)
+    d1 = 2 / 11
+    assert torch.allclose(ema.shadow["0.weight"], d1 * w0 + (1 - d1) * (w0 + 1))
+    assert int(ema.shadow["1.num_batches_tracked"]) == 7
+    for _ in range(40):
+        ema.update()
+    assert ema.current_decay() == 0.5  # the warm-up has passed the cap
+    with torch.no_grad():
+        net[0].weight.add_(2.0)
+    live = net[0].weight.detach().clone()
+    with ema.swapped() as kept:
+        assert torch.allclose(net[0].weight, ema.shadow["0.weight"]) and not torch.allclose(net[0].weight, live)
+        saved = {"model": {k: v.clone() for k, v in net.state_dict().items()}, "ema": ema.state(kept)}
+    assert torch.equal(net[0].weight, live)  # live weights restored after evaluation
+    other = nn.Sequential(nn.Linear(2, 2), nn.BatchNorm1d(2))
+    other.load_state_dict(saved["model"])
+    again = WeightEma(other, 0.5)
+    again.restore(saved["ema"])
+    assert torch.equal(other[0].weight, live) and again.steps == ema.steps
+    assert all(torch.equal(again.shadow[k], ema.shadow[k]) for k in ema.shadow)
+    with pytest.raises(ValueError):
+        WeightEma(net, 1.0)
+
+
+def test_ema_run_trains_the_same_and_evaluates_and_saves_the_average(workdir, tiny_folder):
+    """--ema changes nothing in training (same train losses as without it) but validation and best.pt / last.pt
+    see the average, not the last step's weights. Resuming an --ema run: tests/test_reliability.py."""
+    from core.checkpoint import load_checkpoint
+
+    common = {"deterministic": True, "augment": "basic", "lr": 0.05, "epochs": 4}
+    assert run_scratch(tiny_folder, **common, name="plain") == 0
+    assert run_scratch(tiny_folder, **common, ema=0.9, name="avg") == 0
+    runs = workdir / "artifacts/runs"
+    avg, plain = read_history(runs / "avg"), read_history(runs / "plain")
+    assert [r["train_loss"] for r in avg] == [r["train_loss"] for r in plain]
+    assert [r["val_loss"] for r in avg] != [r["val_loss"] for r in plain]
+    a, b = load_checkpoint(runs / "avg/last.pt").state_dict, load_checkpoint(runs / "plain/last.pt").state_dict
+    assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) > 1e-4
+    assert json.loads((runs / "avg/meta.json").read_text())["args"]["ema"] == 0.9
+
+
+@pytest.mark.parametrize(
+    ("argv", "message"),
+    [
+        (["--ema", "1"], "outside [0, 1)"),
+        (["--ema", "-0.5"], "outside [0, 1)"),
+    ],
+)
+def test_a_bad_ema_is_refused(workdir, tiny_folder, capsys, argv, message):
+    assert run_cli(train.main, train_argv(tiny_folder, *argv, name="e")) == 2
+    err = capsys.readouterr().err.strip()
+    assert message in err and len(err.splitlines()) == 1
+    assert not (workdir / "artifacts/runs/e").exists()

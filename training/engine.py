@@ -178,6 +178,7 @@ def train_one_epoch(
     channels_last: bool = False,
     progress: bool = True,
     clip_grad: float | None = None,
+    on_step=None,
 ) -> EpochStats:
     model.train()
     t0, total_loss, correct, seen, skipped = time.perf_counter(), 0.0, 0, 0, 0
@@ -206,6 +207,8 @@ def train_one_epoch(
         else:
             optimizer.step()
         scheduler.step()
+        if on_step is not None:
+            on_step()
         crash_point("step")
         total_loss += loss.item() * len(y)
         correct += (logits.argmax(1) == y).sum().item()

@@ -13,6 +13,7 @@ import argparse
 import logging
 import time
 import warnings
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -20,6 +21,7 @@ import torch
 from core.errors import UserError
 from core.spec import ModelSpec
 from training.batches import Batches
+from training.ema import resumed_ema
 from training.engine import make_criterion, make_optimizer, make_scheduler
 from training.recorder import EpochRecorder
 
@@ -49,6 +51,7 @@ def fit_lightning(args: argparse.Namespace, batches: Batches, spec: ModelSpec, r
     if state:
         model.load_state_dict(state["model"])
         print(f"resuming {run.name} at epoch {rec.start}/{args.epochs}")
+    ema = resumed_ema(batches.trainee, args.ema, state)
     remaining = args.epochs - rec.start + 1
     if remaining < 1:
         return rec.close()
@@ -99,6 +102,10 @@ def fit_lightning(args: argparse.Namespace, batches: Batches, spec: ModelSpec, r
             self.log("train_loss", loss, prog_bar=True, on_step=True, on_epoch=False)
             return loss
 
+        def on_train_batch_end(self, outputs, batch, batch_idx) -> None:
+            if ema and outputs is not None:  # a step was taken (not a batch of unreadable images)
+                ema.update()
+
         def on_train_epoch_end(self) -> None:
             loss_sum, hits, seen, skipped = self.sums
             train = {
@@ -107,19 +114,21 @@ def fit_lightning(args: argparse.Namespace, batches: Batches, spec: ModelSpec, r
                 "skipped": skipped,
                 "seconds": time.perf_counter() - self.t_epoch,
             }
-            logits, labels, _ = batches.predict("val", source.val)
             opt = self.trainer.optimizers[0]
             sched = self.trainer.lr_scheduler_configs[0].scheduler
-            resume_state = {
-                "optimizer": opt.state_dict(),
-                "scheduler": sched.state_dict(),
-                "scaler": None,
-                "engine": "lightning",
-            }
-            lr = opt.param_groups[-1]["lr"]
-            int8 = batches.predict_int8_val()
-            if rec.end_epoch(self.epoch, train, logits, labels, lr, model, resume_state, int8):
-                self.trainer.should_stop = True
+            with ema.swapped() if ema else nullcontext() as live:  # --ema: the average is evaluated and saved
+                logits, labels, _ = batches.predict("val", source.val)
+                resume_state = {
+                    "optimizer": opt.state_dict(),
+                    "scheduler": sched.state_dict(),
+                    "scaler": None,
+                    "engine": "lightning",
+                    **({"ema": ema.state(live)} if ema else {}),
+                }
+                lr = opt.param_groups[-1]["lr"]
+                int8 = batches.predict_int8_val()
+                if rec.end_epoch(self.epoch, train, logits, labels, lr, model, resume_state, int8):
+                    self.trainer.should_stop = True
 
     cuda = batches.device.type == "cuda"
     precision = {"bf16": "bf16-mixed", "fp16": "16-mixed"}.get(args.amp, "32-true") if cuda else "32-true"

@@ -10,6 +10,7 @@ python training/train.py --mode finetune --trainable-from 11 --epochs 16   # par
 from __future__ import annotations
 
 import argparse
+from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -29,6 +30,7 @@ from training.batches import Batches, int8_select_applies, transfer_cached
 from training.cli import parse_args
 from training.data import DataSource, load_source
 from training.distributed import Dist
+from training.ema import resumed_ema
 from training.engine import (
     classification_metrics,
     make_criterion,
@@ -68,6 +70,7 @@ RESUME_LOCKED = (
     "int8_select",
     "int8_select_margin",
     "class_weight",
+    "ema",
 )
 
 
@@ -207,6 +210,7 @@ def fit(args, batches: Batches, spec: ModelSpec, run: Path, state: dict | None) 
             scaler.load_state_dict(state["scaler"])
         if d.main:
             print(f"resuming {run.name} at epoch {rec.start}/{args.epochs}")
+    ema = resumed_ema(trainee, args.ema, state)
     net = trainee
     if d.enabled:
         if args.sync_bn:
@@ -229,18 +233,22 @@ def fit(args, batches: Batches, spec: ModelSpec, run: Path, state: dict | None) 
             scaler,
             args.channels_last,
             not args.no_progress and d.main,
+            on_step=ema.update if ema else None,
         )
         sums = [st.loss * st.seen, st.acc * st.seen, st.seen, st.skipped]
         loss_sum, hits, seen, skipped = distributed.sum_all(d, sums)
         train = {"loss": loss_sum / max(seen, 1), "acc": hits / max(seen, 1), "skipped": skipped, "seconds": st.seconds}
-        logits, labels, _ = batches.predict("val", source.val)
-        resume_state = {
-            "optimizer": opt.state_dict(),
-            "scheduler": sched.state_dict(),
-            "scaler": scaler.state_dict() if scaler else None,
-        }
-        lr, int8 = opt.param_groups[-1]["lr"], batches.predict_int8_val()
-        if rec.end_epoch(epoch, train, logits, labels, lr, model, resume_state, int8):
+        with ema.swapped() if ema else nullcontext() as live:  # --ema: the average is evaluated and saved
+            logits, labels, _ = batches.predict("val", source.val)
+            resume_state = {
+                "optimizer": opt.state_dict(),
+                "scheduler": sched.state_dict(),
+                "scaler": scaler.state_dict() if scaler else None,
+                **({"ema": ema.state(live)} if ema else {}),
+            }
+            lr, int8 = opt.param_groups[-1]["lr"], batches.predict_int8_val()
+            stop = rec.end_epoch(epoch, train, logits, labels, lr, model, resume_state, int8)
+        if stop:
             break
     return rec.close()
 
