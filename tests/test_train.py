@@ -764,3 +764,15 @@ def test_a_bad_ema_is_refused(workdir, tiny_folder, capsys, argv, message):
     err = capsys.readouterr().err.strip()
     assert message in err and len(err.splitlines()) == 1
     assert not (workdir / "artifacts/runs/e").exists()
+
+
+@pytest.mark.parametrize(
+    ("argv", "ema"), [([], 0.995), (["--mode", "finetune"], 0.0), (["--mode", "transfer", "--ema", "0"], 0.0)]
+)
+def test_ema_defaults_per_mode_and_zero_turns_it_off(argv, ema):
+    from training.cli import parse_args
+    from training.ema import resumed_ema
+
+    args = parse_args(argv)
+    assert args.ema == ema
+    assert (resumed_ema(torch.nn.Linear(2, 2), args.ema, None) is None) == (ema == 0)
