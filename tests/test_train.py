@@ -776,3 +776,16 @@ def test_ema_defaults_per_mode_and_zero_turns_it_off(argv, ema):
     args = parse_args(argv)
     assert args.ema == ema
     assert (resumed_ema(torch.nn.Linear(2, 2), args.ema, None) is None) == (ema == 0)
+
+
+def test_a_run_recorded_before_ema_existed_resumes_without_it(workdir, tiny_folder, capsys):
+    common = {"deterministic": True, "epochs": 2}
+    assert run_scratch(tiny_folder, **common, name="old") == 0
+    resume = workdir / "artifacts/runs/old/resume.pt"
+    state = torch.load(resume, weights_only=True)
+    state["epoch"], state["history"] = 1, state["history"][:1]
+    del state["args"]["ema"]  # as resume.pt files written before the option
+    torch.save(state, resume)
+    assert run_scratch(tiny_folder, **common, ema=0.9, resume="old") == 0
+    assert "resumes without it" in capsys.readouterr().out
+    assert json.loads((workdir / "artifacts/runs/old/meta.json").read_text())["args"]["ema"] == 0.0

@@ -186,6 +186,9 @@ def check_resume(args: argparse.Namespace, main: bool) -> tuple[Path | None, dic
             print(f"removed {p.name}: left by a writer that died mid-save")
     state = safe_torch_load(run / "resume.pt")
     old = state["args"]
+    if "ema" not in old and args.ema:  # recorded before --ema existed: the run goes on as it started, unaveraged
+        print("note: this run was started without --ema (recorded before the option existed); it resumes without it")
+        args.ema = 0.0
     changed = [k for k in RESUME_LOCKED if k in old and old[k] != getattr(args, k)]
     if changed:
         was = ", ".join(f"{k}={old[k]!r}" for k in changed)
