@@ -19,6 +19,7 @@ from onnxruntime.quantization import (
 )
 
 from core.int8_correction import (
+    _graph_maps,
     _session,
     align_input,
     correct_bias,
@@ -132,30 +133,40 @@ def leading_nodes(model: onnx.ModelProto, fraction: float) -> list[str]:
     per-node SQNR ranking picked nodes whose exclusion did not help. Keeping the leading layers in fp32 costs
     the least speed per point of agreement."""
     nodes = model.graph.node
-    convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    convs = _conv_indices(model)
     if not convs or fraction <= 0:
         return []
-    last = convs[max(0, int(np.ceil(fraction * len(convs))) - 1)]
-    return [n.name for n in nodes[: last + 1]]
+    return [n.name for n in nodes[: _cut(convs, fraction) + 1]]
+
+
+def _conv_indices(model: onnx.ModelProto) -> list[int]:
+    return [i for i, n in enumerate(model.graph.node) if n.op_type == "Conv"]
+
+
+def _cut(convs: list[int], fraction: float) -> int:
+    """Graph index of the last convolution within the first `fraction` of them (at least the first)."""
+    return convs[max(0, int(np.ceil(fraction * len(convs))) - 1)]
 
 
 def block_ends(model: onnx.ModelProto) -> list[int]:
     """Graph indices where a block ends: each convolution that writes the residual stream
     (core.int8_correction.linear_output_convs: an inverted residual's projection, a ResNet block's last convolution),
-    or the residual Add that takes its output. A float lead that stops there hands one narrow tensor to the INT8
-    part; one that stops inside a block quantizes its widest tensors at the boundary. Measured on the partial
-    finetune of the README (first 20 % of the convolutions, ending at block 3's expansion): 1.38x fp32 at batch 32,
-    against 1.54x and 1.50x for the leads ending at blocks 2 and 3."""
-    nodes = list(model.graph.node)
+    or the residual Add that is its only reader (a projection the next block reads directly ends its block itself). A
+    float lead that stops there hands one narrow tensor to the INT8 part; one that stops inside a block quantizes its
+    widest tensors at the boundary. Measured on the README's partial finetune (40 interleaved rounds): the leads ending
+    at blocks 2 and 3 ran at 1.62x and 1.60x fp32 at batch 32, the first 20 % of the convolutions (ending at block
+    3's expansion) at 1.51-1.56x."""
+    _, _, consumers = _graph_maps(model)
+    index = {n.name: i for i, n in enumerate(model.graph.node)}
     linear = linear_output_convs(model)
-    ends = []
-    for i, n in enumerate(nodes):
+    ends = set()
+    for n in model.graph.node:
         if n.op_type != "Conv" or n.name not in linear:
             continue
-        users = [j for j in range(i + 1, len(nodes)) if n.output[0] in nodes[j].input]
-        residual = len(users) == 1 and nodes[users[0]].op_type == "Add"  # else the next block reads it directly
-        ends.append(users[0] if residual else i)
-    return sorted(set(ends))
+        users = consumers.get(n.output[0], [])
+        residual = len(users) == 1 and users[0].op_type == "Add"
+        ends.add(index[users[0].name] if residual else index[n.name])
+    return sorted(ends)
 
 
 def lead_steps(model: onnx.ModelProto, after: float, steps: int, fallback: float) -> list[tuple[float, list[str]]]:
@@ -163,10 +174,10 @@ def lead_steps(model: onnx.ModelProto, after: float, steps: int, fallback: float
     convolutions, each as (share of the convolutions it keeps in fp32, every node up to it). A graph without block
     ends there gets the single lead of leading_nodes(model, fallback)."""
     nodes = model.graph.node
-    convs = [i for i, n in enumerate(nodes) if n.op_type == "Conv"]
+    convs = _conv_indices(model)
     if not convs:
         return []
-    start = convs[max(0, int(np.ceil(after * len(convs))) - 1)]
+    start = _cut(convs, after)
     ends = [e for e in block_ends(model) if e < convs[-1] and any(start < c <= e for c in convs)][:steps]
     if not ends:
         return [(fallback, leading_nodes(model, fallback))]

@@ -64,6 +64,16 @@ class WeightEma:
         self.module.load_state_dict(state["live"])
 
 
+@contextmanager
+def averaged(ema: WeightEma | None) -> Iterator[dict]:
+    """The block evaluates and saves the average (nothing changes without one); yields what resume.pt adds for it."""
+    if ema is None:
+        yield {}
+        return
+    with ema.swapped() as live:
+        yield {"ema": ema.state(live)}
+
+
 def resumed_ema(module: nn.Module, decay: float, state: dict | None) -> WeightEma | None:
     """The average for a run (None with decay 0), created after the model was loaded from resume.pt: the average
     and the live weights of that epoch come back; a resume.pt written without an average starts one from the

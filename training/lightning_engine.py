@@ -13,7 +13,6 @@ import argparse
 import logging
 import time
 import warnings
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -21,7 +20,7 @@ import torch
 from core.errors import UserError
 from core.spec import ModelSpec
 from training.batches import Batches
-from training.ema import resumed_ema
+from training.ema import averaged, resumed_ema
 from training.engine import make_criterion, make_optimizer, make_scheduler
 from training.recorder import EpochRecorder
 
@@ -116,14 +115,14 @@ def fit_lightning(args: argparse.Namespace, batches: Batches, spec: ModelSpec, r
             }
             opt = self.trainer.optimizers[0]
             sched = self.trainer.lr_scheduler_configs[0].scheduler
-            with ema.swapped() if ema else nullcontext() as live:  # --ema: the average is evaluated and saved
+            with averaged(ema) as ema_state:  # --ema: the average is evaluated and saved
                 logits, labels, _ = batches.predict("val", source.val)
                 resume_state = {
                     "optimizer": opt.state_dict(),
                     "scheduler": sched.state_dict(),
                     "scaler": None,
                     "engine": "lightning",
-                    **({"ema": ema.state(live)} if ema else {}),
+                    **ema_state,
                 }
                 lr = opt.param_groups[-1]["lr"]
                 int8 = batches.predict_int8_val()

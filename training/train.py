@@ -11,7 +11,6 @@ python training/train.py --mode finetune --trainable-from 11 --epochs 32 --backb
 from __future__ import annotations
 
 import argparse
-from contextlib import nullcontext
 from pathlib import Path
 
 import torch
@@ -31,7 +30,7 @@ from training.batches import Batches, int8_select_applies, transfer_cached
 from training.cli import parse_args
 from training.data import DataSource, load_source
 from training.distributed import Dist
-from training.ema import resumed_ema
+from training.ema import averaged, resumed_ema
 from training.engine import (
     classification_metrics,
     make_criterion,
@@ -242,13 +241,13 @@ def fit(args, batches: Batches, spec: ModelSpec, run: Path, state: dict | None) 
         sums = [st.loss * st.seen, st.acc * st.seen, st.seen, st.skipped]
         loss_sum, hits, seen, skipped = distributed.sum_all(d, sums)
         train = {"loss": loss_sum / max(seen, 1), "acc": hits / max(seen, 1), "skipped": skipped, "seconds": st.seconds}
-        with ema.swapped() if ema else nullcontext() as live:  # --ema: the average is evaluated and saved
+        with averaged(ema) as ema_state:  # --ema: the average is evaluated and saved
             logits, labels, _ = batches.predict("val", source.val)
             resume_state = {
                 "optimizer": opt.state_dict(),
                 "scheduler": sched.state_dict(),
                 "scaler": scaler.state_dict() if scaler else None,
-                **({"ema": ema.state(live)} if ema else {}),
+                **ema_state,
             }
             lr, int8 = opt.param_groups[-1]["lr"], batches.predict_int8_val()
             stop = rec.end_epoch(epoch, train, logits, labels, lr, model, resume_state, int8)
