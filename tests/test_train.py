@@ -387,6 +387,48 @@ def test_int8_aware_partial_finetune_draws_half_its_samples_from_the_int8_prefix
     assert torch.equal(again[:, 0], seen)  # seeded: a resumed epoch draws the same samples
 
 
+def test_int8_aware_prefix_trains_against_the_exports_lead_and_boundary(tmp_path):
+    """A partial finetune's frozen prefix is quantized with the export's fp32 lead counted over the whole network
+    and keeps the Q/DQ pair on its output (exactness: tests/test_int8_correction.py); the whole backbone (transfer)
+    keeps the export's configuration as is; a prefix inside the lead has no INT8 part and is refused."""
+    import onnx
+
+    from core.errors import UserError
+    from core.models import create_model
+    from core.models.efficientnet_lite import Prefix
+    from core.onnx_export import torch_to_onnx
+    from core.quantization import int8_aware_config, leading_nodes
+    from training.features import conv_count, int8_part_config
+
+    backbone = create_model("efficientnet_lite0", 4, 3, 64).backbone.eval()
+
+    def graph(m, name):
+        torch_to_onnx(m, torch.zeros(1, 3, 64, 64), tmp_path / name, {0: "batch"}, 17, dynamo=False)
+        return onnx.load(str(tmp_path / name))
+
+    def convs(g, lead):
+        return [n for n in leading_nodes(g, lead) if n.endswith("Conv")]
+
+    whole, part = graph(backbone, "whole.onnx"), graph(Prefix(backbone, 11), "part.onnx")
+    n_whole, n_part = (sum(n.op_type == "Conv" for n in g.graph.node) for g in (whole, part))
+    assert (conv_count(backbone), conv_count(Prefix(backbone, 11))) == (n_whole, n_whole) == (49, 49)
+    assert int8_part_config(49, 49) == (int8_aware_config(), False)  # transfer: the whole backbone
+    cfg, boundary = int8_part_config(49, n_part)
+    assert boundary and n_part == 33 and cfg.float_lead != int8_aware_config().float_lead
+    assert convs(part, cfg.float_lead) == convs(whole, int8_aware_config().float_lead)
+    assert len(convs(part, cfg.float_lead)) == 6  # stem, block 0, block 1
+    with pytest.raises(UserError, match=r"--int8-aware: the fp32 lead .* freeze more blocks"):
+        int8_part_config(49, 6)  # --trainable-from 2: stem, block 0, block 1 are all of the frozen part
+
+
+def test_int8_aware_prefix_inside_the_exports_fp32_lead_is_refused_before_a_run_exists(workdir, tiny_folder, capsys):
+    argv = ["--data", str(tiny_folder), "--mode", "finetune", "--model", "efficientnet_lite0", "--epochs", "1"]
+    assert run_train(*argv, "--trainable-from", "2", "--int8-aware", "--name", "short") == 2
+    err = capsys.readouterr().err.strip().splitlines()
+    assert len(err) == 1 and "freeze more blocks (--trainable-from) or drop --int8-aware" in err[0]
+    assert not (workdir / "artifacts/runs/short").exists()
+
+
 @pytest.mark.parametrize(
     "argv",
     [

@@ -22,10 +22,11 @@ import numpy as np
 import torch
 from torch import nn
 
+from core.errors import UserError
 from core.images import ImageError
 from core.onnx_export import simplified, torch_to_onnx
 from core.preprocess import preprocess
-from core.quantization import int8_aware_config, quantize_one
+from core.quantization import QConfig, int8_aware_config, prefix_config, quantize_one
 from core.spec import ModelSpec
 from training.data import Split, load_item
 from training.engine import progress_bar
@@ -87,7 +88,8 @@ def _batches(split: Split, spec: ModelSpec, batch_size: int) -> Iterator[tuple[n
 # What --int8-aware trains against: the export's first candidate that can fit on this CPU
 # (core.quantization.int8_aware_config: MIXED) with its MinMax ranges on the export's default 256 calibration
 # images. Its tail (pooling, concatenation, head) stays in float, so the INT8 backbone computes the same numbers
-# here, without a head, as inside the exported model.
+# here, without a head, as inside the exported model; a partial finetune's prefix, the same numbers as the exported
+# model's next block reads (_int8_part_config).
 INT8_AWARE_CALIB = 256
 
 
@@ -103,13 +105,35 @@ def _ort_runner(backbone: nn.Module, spec: ModelSpec, tmp: Path, int8_calib: np.
 
         onnx.save(simplified(path), str(tmp / "simplified.onnx"))  # the graph the export quantizes: padding folded
         quant_pre_process(str(tmp / "simplified.onnx"), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
+        # a prefix module holds its whole backbone (all of the network's Conv2d); its graph has the prefix's
+        part = sum(n.op_type == "Conv" for n in onnx.load(str(tmp / "pre.onnx")).graph.node)
+        cfg, boundary = int8_part_config(conv_count(backbone), part)
         path = quantize_one(
-            tmp / "pre.onnx", tmp / "int8.onnx", int8_calib, int8_aware_config(), threads=torch.get_num_threads()
+            tmp / "pre.onnx", tmp / "int8.onnx", int8_calib, cfg, threads=torch.get_num_threads(), boundary=boundary
         )
     so = ort.SessionOptions()
     so.intra_op_num_threads = torch.get_num_threads()
     sess = ort.InferenceSession(str(path), so, providers=["CPUExecutionProvider"])
     return lambda a: sess.run(None, {"input": a})[0]
+
+
+def conv_count(module: nn.Module) -> int:
+    return sum(isinstance(m, nn.Conv2d) for m in module.modules())
+
+
+def int8_part_config(whole_convs: int, part_convs: int) -> tuple[QConfig, bool]:
+    """The export's --int8-aware configuration for a frozen part with `part_convs` of the whole network's
+    `whole_convs` convolutions, and whether its output is a boundary inside the network. A partial finetune's prefix
+    keeps the same first convolutions in fp32 as the export keeps in the whole model, and its output the Q/DQ pair
+    that the whole model's next block reads through (core.quantization.prefix_config); the whole backbone of a
+    transfer run (its head has no convolutions) keeps the configuration as is."""
+    try:
+        return prefix_config(int8_aware_config(), whole_convs, part_convs), whole_convs > part_convs
+    except ValueError as e:
+        raise UserError(
+            f"--int8-aware: {e}: the export keeps every layer of the frozen part in fp32, so there are no INT8 "
+            "features to train against; freeze more blocks (--trainable-from) or drop --int8-aware"
+        ) from None
 
 
 def _torch_runner(backbone: nn.Module, device: torch.device):
@@ -180,7 +204,7 @@ def cached_features(
         tag += "-int8"
         # how the INT8 graph is made (configuration, simplified graph, input on its pixel grid): a change of any of
         # them must not reuse old caches
-        recipe = int8_aware_config().name + "-onnxsim-grid"
+        recipe = int8_aware_config().name + "-onnxsim-grid" + ("-prefix-lead-boundary" if stop is not None else "")
         key = hashlib.sha256((key + cache_key(spec, weights, int8_calib) + recipe).encode())
         key = key.hexdigest()[:24]
     path = cache_dir / f"{tag}-{key}.npz"

@@ -39,6 +39,7 @@ from training.engine import (
     seed_everything,
     train_one_epoch,
 )
+from training.features import conv_count, int8_part_config
 from training.plots import plot_confusion, plot_curves
 from training.recorder import EpochRecorder, vars_json
 from training.report import format_report
@@ -362,6 +363,9 @@ def train(args: argparse.Namespace, d: Dist, device: torch.device) -> int:
         model.freeze_backbone()
     elif args.trainable_from is not None:
         check_cut(args.trainable_from, len(model.backbone._blocks), tuple(spec.arch_kwargs.get("taps", ())))
+        if args.int8_aware:  # refused before a run folder exists when the export keeps the whole prefix in fp32
+            frozen = [model.backbone._conv_stem, *model.backbone._blocks[: args.trainable_from]]
+            int8_part_config(conv_count(model.backbone), sum(conv_count(m) for m in frozen))
         model.keep_in_eval(freeze_prefix(model.backbone, args.trainable_from))
     model.to(device)
     if args.channels_last:
