@@ -24,6 +24,7 @@ from torch import nn
 
 from core.errors import UserError
 from core.images import ImageError
+from core.models.efficientnet_lite import Prefix
 from core.onnx_export import simplified, torch_to_onnx
 from core.preprocess import preprocess
 from core.quantization import QConfig, int8_aware_config, prefix_config, quantize_one
@@ -105,9 +106,10 @@ def _ort_runner(backbone: nn.Module, spec: ModelSpec, tmp: Path, int8_calib: np.
 
         onnx.save(simplified(path), str(tmp / "simplified.onnx"))  # the graph the export quantizes: padding folded
         quant_pre_process(str(tmp / "simplified.onnx"), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
-        # a prefix module holds its whole backbone (all of the network's Conv2d); its graph has the prefix's
         part = sum(n.op_type == "Conv" for n in onnx.load(str(tmp / "pre.onnx")).graph.node)
-        cfg, boundary = int8_part_config(conv_count(backbone), part)
+        # a partial finetune's Prefix holds its whole backbone (all of the network's Conv2d); its graph has its own
+        whole = conv_count(backbone) if isinstance(backbone, Prefix) else part
+        cfg, boundary = int8_part_config(whole, part)
         path = quantize_one(
             tmp / "pre.onnx", tmp / "int8.onnx", int8_calib, cfg, threads=torch.get_num_threads(), boundary=boundary
         )
