@@ -153,7 +153,7 @@ def main(argv: list[str] | None = None) -> int:
     if not args.no_int8:
         int8 = out / "model.int8.onnx"
         int8.unlink(missing_ok=True)  # never leave a stale INT8 model beside a new fp32 one
-        qrep = quantize.run_search(fp32, int8, calib.x, select[0], args, select[1], ck.args.get("mode"))
+        qrep = quantize.run_search(fp32, int8, calib.x, select[0], args, select[1], ck.args)
         write_json(out / "quantization.json", qrep)
         (out / "quantization.md").write_text(quantize.search_table(qrep) + "\n")
         summary["int8"], summary["int8_forced"] = qrep["chosen"], qrep["forced"]
@@ -206,7 +206,7 @@ def main(argv: list[str] | None = None) -> int:
         if ok and not rep["passed"]:
             print("WARNING: --force: the INT8 artifacts FAIL their accuracy budget (see report.md); fp32 gates passed")
         if not ok:
-            hint = int8_failure_hint(rep, ck.args.get("mode"), desc)
+            hint = int8_failure_hint(rep, ck.args, desc)
             if hint:
                 print(hint)
         known = validate.known_figures(rep)
@@ -237,7 +237,7 @@ def main(argv: list[str] | None = None) -> int:
     return 1 if failed or not ok else 3 if int8_refused else 0
 
 
-def int8_failure_hint(rep: dict, mode: str | None, desc: str) -> str | None:
+def int8_failure_hint(rep: dict, run: dict | None, desc: str) -> str | None:
     """What to do when the only failing gates are INT8 ones: the model chosen on the validation images missed its
     budget on the held-out images (a split-to-split gap, not a broken export); None when an fp32 gate failed."""
     failing = [r for r in rep["artifacts"] if not r["passed"]]
@@ -247,7 +247,7 @@ def int8_failure_hint(rep: dict, mode: str | None, desc: str) -> str | None:
     return (
         f"INT8 chosen on the validation images misses its budget on {desc} ({worst['artifact']}: "
         f"{worst['agreement']:.1f} % top-1 agreement, drop {worst['drop']:+.1f} pt); the fp32 formats passed. next: "
-        + quantize.training_hint(mode)
+        + quantize.training_hint(run)
         + "or export with --no-int8 to ship fp32 only (report.md shows every gate)"
     )
 

@@ -161,13 +161,24 @@ def test_run_onnx_feeds_large_sets_in_chunks(tmp_path, fixed_batch):
     assert run_onnx(path, x[:0]).shape == (0, 3)
 
 
-@pytest.mark.parametrize("mode", ["transfer", "finetune", "scratch", None])
+@pytest.mark.parametrize(
+    "run",
+    [
+        {"mode": "transfer"},
+        {"mode": "finetune"},
+        {"mode": "scratch"},
+        None,
+        {"mode": "finetune", "trainable_from": 11, "int8_aware": False},
+        {"mode": "finetune", "trainable_from": 11, "int8_aware": True},
+    ],
+)
 @pytest.mark.parametrize("searched", ["fast", "full"])
-def test_int8_refusal_message_names_the_next_steps(mode, searched, tmp_path):
+def test_int8_refusal_message_names_the_next_steps(run, searched, tmp_path):
     from export.quantize import refusal_message
 
     src = tmp_path / "model.onnx"
-    line = refusal_message(tmp_path / "model.int8.onnx", src, searched, mode)
+    mode = (run or {}).get("mode")
+    line = refusal_message(tmp_path / "model.int8.onnx", src, searched, run)
     assert (
         "\n" not in line
         and line.startswith("error: no INT8 configuration")
@@ -175,9 +186,13 @@ def test_int8_refusal_message_names_the_next_steps(mode, searched, tmp_path):
     )
     assert f"python export/quantize.py --onnx {src} --force" in line
     assert (f"--onnx {src} --search full" in line) == (searched == "fast")  # the wider search, unless just run
-    # a frozen backbone: training it is the step that changes what INT8 has to follow (measured on ELPV)
-    assert ("python training/train.py --mode finetune" in line) == (mode == "transfer")
+    # a frozen backbone: training it is the step that changes what INT8 has to follow (measured on ELPV); a partial
+    # finetune trained on fp32 prefix features only: --int8-aware with its cut (3 of 3 ELPV seeds fit)
+    partial = run is not None and run.get("trainable_from") is not None and not run["int8_aware"]
+    assert ("python training/train.py --mode finetune (or --mode scratch)" in line) == (mode == "transfer")
     assert ("python training/train.py --mode transfer --int8-aware" in line) == (mode == "transfer")
+    assert ("python training/train.py --mode finetune --trainable-from 11 --int8-aware" in line) == partial
+    assert ("python training/train.py" in line) == (mode == "transfer" or partial)
 
 
 def _gate(artifact, passed, agreement=100.0, drop=0.0):
@@ -194,7 +209,8 @@ def _gate(artifact, passed, agreement=100.0, drop=0.0):
 )
 @pytest.mark.parametrize("mode", ["transfer", "scratch"])
 def test_int8_failure_hint_only_when_int8_alone_fails(rows, expected, mode):
-    hint = to_onnx.int8_failure_hint({"artifacts": rows}, mode, "elpv-4class test split (300 of 656 images)")
+    run = {"mode": mode}
+    hint = to_onnx.int8_failure_hint({"artifacts": rows}, run, "elpv-4class test split (300 of 656 images)")
     if expected is None:
         assert hint is None
         return
