@@ -90,7 +90,7 @@ def _batches(split: Split, spec: ModelSpec, batch_size: int) -> Iterator[tuple[n
 # (core.quantization.int8_aware_config: MIXED) with its MinMax ranges on the export's default 256 calibration
 # images. Its tail (pooling, concatenation, head) stays in float, so the INT8 backbone computes the same numbers
 # here, without a head, as inside the exported model; a partial finetune's prefix, the same numbers as the exported
-# model's next block reads (_int8_part_config).
+# model's next block reads (int8_part_config).
 INT8_AWARE_CALIB = 256
 
 
