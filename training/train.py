@@ -363,10 +363,10 @@ def train(args: argparse.Namespace, d: Dist, device: torch.device) -> int:
         model.freeze_backbone()
     elif args.trainable_from is not None:
         check_cut(args.trainable_from, len(model.backbone._blocks), tuple(spec.arch_kwargs.get("taps", ())))
+        frozen = freeze_prefix(model.backbone, args.trainable_from)
         if args.int8_aware:  # refused before a run folder exists when the export keeps the whole prefix in fp32
-            frozen = [model.backbone._conv_stem, *model.backbone._blocks[: args.trainable_from]]
             int8_part_config(conv_count(model.backbone), sum(conv_count(m) for m in frozen))
-        model.keep_in_eval(freeze_prefix(model.backbone, args.trainable_from))
+        model.keep_in_eval(frozen)
     model.to(device)
     if args.channels_last:
         model.to(memory_format=torch.channels_last)
