@@ -653,6 +653,68 @@ def test_int8_select_prefers_epochs_whose_int8_model_fits_the_default_budget(tmp
     assert plain.best["epoch"] == 2 and "val_int8_agreement" not in plain.history[0]
 
 
+@pytest.mark.parametrize("metric, chosen", [("accuracy", 1), ("balanced", 2), (None, 1)])
+def test_select_metric_chooses_the_epoch_by_accuracy_or_balanced_accuracy(tmp_path, metric, chosen):
+    """Epoch 1 never predicts the rare class (90 % accuracy, balanced 66.7 %); epoch 2 finds most of it at some cost
+    in accuracy (85 %, balanced 83.9 %). --select-metric accuracy (the default, also for a namespace without the
+    option) keeps epoch 1, balanced takes epoch 2; every row records both figures, and patience counts on the metric."""
+    import argparse
+
+    import numpy as np
+
+    from training.recorder import EpochRecorder
+
+    y = np.array([0] * 30 + [1] * 20 + [2] * 10)
+    train = {"loss": 1.0, "acc": 0.5, "skipped": 0, "seconds": 0.1}
+    blind, fair = y.copy(), y.copy()
+    blind[50:56] = 1  # rare class 2: 4 of 10 right
+    fair[50:52] = 1  # rare class 2: 8 of 10 right ...
+    fair[[0, 1, 2, 3, 30, 31, 32]] = 2  # ... at the cost of 7 others
+    args = argparse.Namespace(patience=1, epochs=3, **({} if metric is None else {"select_metric": metric}))
+    rec = EpochRecorder(args, None, tmp_path, False, None)
+    assert not rec.end_epoch(1, train, _logits(list(blind)), y, 1e-3, None, {})
+    stop = rec.end_epoch(2, train, _logits(list(fair)), y, 1e-3, None, {})
+    assert [r["val_acc"] for r in rec.history] == pytest.approx([0.9, 51 / 60])
+    assert [r["val_bal_acc"] for r in rec.history] == pytest.approx([(1 + 1 + 0.4) / 3, (26 / 30 + 17 / 20 + 0.8) / 3])
+    assert rec.best["epoch"] == chosen and rec.best["val_bal_acc"] == rec.history[chosen - 1]["val_bal_acc"]
+    assert stop is (chosen == 1)  # patience 1: the metric did not improve in epoch 2
+
+
+def test_select_metric_balanced_end_to_end_records_and_chooses_on_balanced_accuracy(workdir, capsys):
+    """A real scratch run: history.csv and the log line carry validation balanced accuracy per epoch, best.pt is the
+    epoch with the highest one (ties: accuracy, then loss), metrics.json says so; the metric is locked on --resume."""
+    from core.checkpoint import load_checkpoint
+
+    folder = make_folder(workdir / "sel", per_class=8, odd_files=False)
+    assert run_scratch(folder, epochs=4, name="bal", select_metric="balanced") == 0
+    run = workdir / "artifacts/runs/bal"
+    rows = read_history(run)
+    assert len(rows) == 4 and all(0.0 <= float(r["val_bal_acc"]) <= 1.0 for r in rows)
+    best = max(rows, key=lambda r: (float(r["val_bal_acc"]), float(r["val_acc"]), -float(r["val_loss"])))
+    m = json.loads((run / "metrics.json").read_text())
+    assert m["select_metric"] == "balanced" and m["best_epoch"] == int(best["epoch"])
+    assert m["val_balanced_accuracy"] == pytest.approx(float(best["val_bal_acc"]))
+    assert load_checkpoint(run / "best.pt").metrics["val_balanced_accuracy"] == pytest.approx(
+        float(best["val_bal_acc"])
+    )
+    assert " bal " in capsys.readouterr().out
+    assert run_scratch(folder, epochs=5, name=None, resume="bal") == 2  # started on balanced; accuracy is refused
+    assert "changed options ['select_metric']" in capsys.readouterr().err
+
+
+def test_balanced_accuracy_is_the_mean_recall_of_the_classes_present():
+    import numpy as np
+
+    from training.engine import balanced_accuracy, classification_metrics
+
+    labels = np.array([0, 0, 0, 1, 3, 3])
+    pred = np.array([0, 1, 1, 1, 3, 0])
+    assert balanced_accuracy(pred, labels) == pytest.approx((1 / 3 + 1 + 1 / 2) / 3)  # class 2 absent: not counted
+    logits = np.eye(4, dtype=np.float32)[pred]
+    assert classification_metrics(logits, labels, list("abcd"))["balanced_accuracy"] == balanced_accuracy(pred, labels)
+    assert balanced_accuracy(np.array([], int), np.array([], int)) == 0.0
+
+
 @pytest.mark.parametrize("margin, chosen", [(None, 1), (1.0, 1), (0.0, 2)])
 def test_int8_select_margin_asks_more_agreement_than_the_gate(tmp_path, margin, chosen):
     """With the default margin (1 point) an epoch at 98.3 % agreement (59 of 60) does not count as fitting, so a
@@ -831,3 +893,54 @@ def test_a_run_recorded_before_ema_existed_resumes_without_it(workdir, tiny_fold
     assert run_scratch(tiny_folder, **common, ema=0.9, resume="old") == 0
     assert "resumes without it" in capsys.readouterr().out
     assert json.loads((workdir / "artifacts/runs/old/meta.json").read_text())["args"]["ema"] == 0.0
+
+
+def test_a_run_recorded_before_balanced_selection_existed_resumes(workdir, tiny_folder):
+    """resume.pt written before val_bal_acc / --select-metric: the run continues, history.csv gains the column
+    (empty for the old epoch), and the later epochs are compared with the old best on accuracy as before."""
+    common = {"deterministic": True, "epochs": 3}
+    assert run_scratch(tiny_folder, **common, name="old") == 0
+    resume = workdir / "artifacts/runs/old/resume.pt"
+    state = torch.load(resume, weights_only=True)
+    state["epoch"], state["history"], state["bad_epochs"] = 1, state["history"][:1], 0
+    state["best"] = {k: v for k, v in state["history"][0].items() if k in ("val_acc", "val_loss", "epoch")}
+    del state["history"][0]["val_bal_acc"], state["args"]["select_metric"]
+    torch.save(state, resume)
+    assert run_scratch(tiny_folder, **common, resume="old") == 0
+    rows = read_history(workdir / "artifacts/runs/old")
+    assert [r["epoch"] for r in rows] == ["1", "2", "3"] and rows[0]["val_bal_acc"] == ""
+    assert all(0.0 <= float(r["val_bal_acc"]) <= 1.0 for r in rows[1:])
+    m = json.loads((workdir / "artifacts/runs/old/metrics.json").read_text())
+    best = max(rows, key=lambda r: (float(r["val_acc"]), -float(r["val_loss"])))
+    assert m["best_epoch"] == int(best["epoch"]) and m["select_metric"] == "accuracy"
+
+
+def test_benchmark_prints_validation_beside_held_out_figures_and_the_seed_mean(workdir, capsys):
+    """training/benchmark.py, two seeds of a tiny scratch run with a test split: each row shows the validation
+    figures that chose the epoch beside the held-out ones (both read from the run's metrics.json), and the summary
+    gives mean +- sample std over the seeds."""
+    import numpy as np
+
+    from training import benchmark
+
+    for split, seed in (("train", 0), ("val", 1), ("test", 2)):
+        make_folder(workdir / "d" / split, per_class=6, odd_files=False, seed=seed)
+    config = f"--data {workdir / 'd'} --mode scratch --model cnn_small --epochs 2 --image-size 32 --batch-size 8"
+    assert benchmark.main(["--runs", config + " --workers 0", "--seeds", "0", "1"]) == 0
+    out = capsys.readouterr().out
+    runs = sorted((workdir / "artifacts/runs").glob("bench-*-s*"))
+    metrics = [json.loads((r / "metrics.json").read_text()) for r in runs]
+    assert len(metrics) == 2 and all(m["eval_split"] == "test" for m in metrics)
+    rows = [line for line in out.splitlines() if line.startswith(f"| `{config}")]
+    assert len(rows) == 3  # two seeds, then their summary
+    for m, seed in zip(metrics, (0, 1), strict=True):
+        cells = [c.strip() for c in rows[seed].split("|")]
+        assert cells[2] == str(seed) and cells[-2] == str(m["best_epoch"])
+        assert cells[4:8] == [
+            f"{100 * m['val_accuracy']:.2f} %",
+            f"{100 * m['val_balanced_accuracy']:.2f} %",
+            f"{100 * m['accuracy']:.2f} %",
+            f"{100 * m['balanced_accuracy']:.2f} %",
+        ]
+    acc = [100 * m["accuracy"] for m in metrics]
+    assert f"{np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f} %" in rows[2]

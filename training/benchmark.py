@@ -50,7 +50,14 @@ def run_one(extra: str, name: str, seed: int = 0) -> dict:
         "balanced": 100 * m["balanced_accuracy"],
         "split": f"{m['eval_split']} ({m['n']})",
         "epochs": m["best_epoch"],
+        # what chose the epoch (validation); absent in a run whose held-out split is the validation split itself
+        "val": 100 * m["val_accuracy"] if m["eval_split"] != "val" else None,
+        "val_balanced": 100 * m["val_balanced_accuracy"] if m["eval_split"] != "val" else None,
     }
+
+
+def pct(value: float | None) -> str:
+    return "—" if value is None else f"{value:.2f} %"
 
 
 def mean_std(values: list[float]) -> str:
@@ -65,9 +72,11 @@ def summary_rows(rows: list[dict]) -> list[str]:
         if not ok:
             continue
         walls = [r["wall_s"] / 60 for r in ok]
+        vals = [r["val"] for r in ok if r["val"] is not None]
+        val = f"{mean_std(vals)} %" if vals else "—"
         out.append(
             f"| `{config}` | {len(ok)} | {walls[0]:.1f} min (cold), {np.mean(walls[1:] or walls):.1f} min (warm) | "
-            f"{mean_std([r['accuracy'] for r in ok])} % | {mean_std([r['balanced'] for r in ok])} % |"
+            f"{val} | {mean_std([r['accuracy'] for r in ok])} % | {mean_std([r['balanced'] for r in ok])} % |"
         )
     return out
 
@@ -87,17 +96,21 @@ def main(argv: list[str] | None = None) -> int:
                 shutil.rmtree(ARTIFACTS / "cache" / "features", ignore_errors=True)
             rows.append(run_one(extra, f"bench-{time.strftime('%Y%m%d-%H%M%S')}-{i}-s{seed}", seed))
             print(f"done: {extra} seed {seed} ({rows[-1]['wall_s']:.0f} s)", flush=True)
-    print("\n| configuration | seed | wall time | held-out top-1 | balanced | split | best epoch |")
-    print("|---|---|---|---|---|---|---|")
+    head = "configuration | seed | wall time | val top-1 | val balanced | held-out top-1 | balanced | split | epoch"
+    print(f"\n| {head} |\n" + "|---" * 9 + "|")
     for r in rows:
         if "error" in r:
-            print(f"| `{r['config']}` | {r['seed']} | {r['wall_s']:.0f} s | error: {r['error']} | | | |")
+            print(f"| `{r['config']}` | {r['seed']} | {r['wall_s']:.0f} s | error: {r['error']} | | | | | |")
         else:
             print(
-                f"| `{r['config']}` | {r['seed']} | {r['wall_s'] / 60:.1f} min | {r['accuracy']:.2f} % | "
-                f"{r['balanced']:.2f} % | {r['split']} | {r['epochs']} |"
+                f"| `{r['config']}` | {r['seed']} | {r['wall_s'] / 60:.1f} min | {pct(r['val'])} | "
+                f"{pct(r['val_balanced'])} | {r['accuracy']:.2f} % | {r['balanced']:.2f} % | {r['split']} | "
+                f"{r['epochs']} |"
             )
-    print("\n| configuration | seeds | wall time | top-1 (mean ± std) | balanced (mean ± std) |\n|---|---|---|---|---|")
+    print(
+        "\n| configuration | seeds | wall time | val top-1 (mean ± std) | top-1 (mean ± std) | balanced (mean ± std) |"
+        "\n|---|---|---|---|---|---|"
+    )
     print("\n".join(summary_rows(rows)))
     return 0
 

@@ -13,7 +13,7 @@ from core.spec import COLOR_MODES, CROP_MODES, INTERPOLATIONS
 from core.transforms import AUGMENTATIONS
 from training.batches import transfer_cached
 from training.engine import CLASS_WEIGHTS, OPTIMIZERS, SCHEDULES
-from training.recorder import DEFAULT_INT8_SELECT_MARGIN
+from training.recorder import DEFAULT_INT8_SELECT_MARGIN, SELECT_METRICS
 
 MODES = ("scratch", "finetune", "transfer")
 # Per-mode defaults: transfer trains a head on cached features (cheap epochs); finetune moves all weights.
@@ -150,6 +150,14 @@ def get_args_parser() -> argparse.ArgumentParser:
         help="evaluate and save an exponential moving average of the trained weights, updated every step with "
         "this decay (e.g. 0.99: an average over ~100 steps; warmed up over the first steps); 0 turns it off "
         "(default: 0.995 for --mode transfer, off otherwise)",
+    )
+    g.add_argument(
+        "--select-metric",
+        choices=tuple(SELECT_METRICS),
+        default="accuracy",
+        help="the validation figure that chooses the saved epoch (best.pt) and that --patience waits on: accuracy, "
+        "or balanced accuracy (the mean of the per-class recalls: for imbalanced data, where a model can gain "
+        "accuracy by never predicting a rare class); ties go to accuracy, then the lower validation loss",
     )
     g.add_argument("--patience", type=int, default=0, help="early stopping after N epochs without val gain")
     g = p.add_argument_group("run")

@@ -263,9 +263,14 @@ def classification_metrics(logits: np.ndarray, labels: np.ndarray, class_names: 
     if n_cls >= 5:
         top5 = np.argsort(-logits, 1)[:, :5]
         out["top5_accuracy"] = float((top5 == labels[:, None]).any(1).mean())
-    valid = [v for v in per_class.values() if v is not None]
-    out["balanced_accuracy"] = float(np.mean(valid)) if valid else 0.0
+    out["balanced_accuracy"] = balanced_accuracy(pred, labels)
     return out
+
+
+def balanced_accuracy(pred: np.ndarray, labels: np.ndarray) -> float:
+    """Mean recall over the classes present in `labels` (the balanced accuracy classification_metrics reports)."""
+    classes = np.unique(labels)
+    return float(np.mean([(pred[labels == c] == c).mean() for c in classes])) if len(classes) else 0.0
 
 
 def seed_everything(seed: int, deterministic: bool = False) -> None:

@@ -20,6 +20,8 @@ def plot_curves(history: list[dict], path: Path) -> None:
     a1.set(title="loss", xlabel="epoch")
     a2.plot(ep, [h["train_acc"] for h in history], label="train")
     a2.plot(ep, [h["val_acc"] for h in history], label="val")
+    if all("val_bal_acc" in h for h in history):  # runs recorded before it was logged lack it
+        a2.plot(ep, [h["val_bal_acc"] for h in history], label="val balanced", linestyle="--")
     a2.set(title="accuracy", xlabel="epoch", ylim=(0, 1))
     for a in (a1, a2):
         a.grid(alpha=0.3)

@@ -25,12 +25,23 @@ from core.gates import Budget, compare
 from core.gates import fits as gates_fit
 from core.spec import ModelSpec
 from core.torch_io import atomic_torch_save
+from training.engine import balanced_accuracy
 
 RESUME_FORMAT = 1
 # --int8-select's margin over the budget's agreement (points). The validation split is a sample: at 98 % agreement
 # on 296 images its standard error is 0.8 points, so an epoch chosen at exactly the gate misses it on the test split
 # about half the time (measured on ELPV, 2026-12-05: chosen at 98.31 % on validation, 97.67 % on test).
 DEFAULT_INT8_SELECT_MARGIN = 1.0
+# --select-metric: the validation figure that chooses the epoch (history.csv column), then its tie-breakers
+SELECT_METRICS = {"accuracy": ("val_acc",), "balanced": ("val_bal_acc", "val_acc")}
+
+
+def selection_key(row: dict, metric: str) -> tuple:
+    """What ranks an epoch under --select-metric: the INT8 fit first (--int8-select), then the metric's validation
+    figures, then the lower validation loss. A figure the row lacks (a run resumed from before it was recorded)
+    ranks lowest."""
+    figures = tuple(row.get(k, -1.0) for k in SELECT_METRICS[metric])
+    return (row.get("int8_fits", True), *figures, -row["val_loss"])
 
 
 def selection_budget(args: argparse.Namespace) -> Budget:
@@ -75,14 +86,15 @@ class EpochRecorder:
         the export's default budget with --int8-select-margin to spare (selection_budget) beats any epoch that
         does not, whatever their accuracies."""
         val_loss = float(F.cross_entropy(torch.from_numpy(val_logits), torch.from_numpy(val_labels)))
-        val_acc = float((val_logits.argmax(1) == val_labels).mean())
+        val_pred = val_logits.argmax(1)
         row = {
             "epoch": epoch,
             "lr": lr,
             "train_loss": train["loss"],
             "train_acc": train["acc"],
             "val_loss": val_loss,
-            "val_acc": val_acc,
+            "val_acc": float((val_pred == val_labels).mean()),
+            "val_bal_acc": balanced_accuracy(val_pred, val_labels),
             "seconds": round(train["seconds"], 2),
             "skipped": int(train["skipped"]),
         }
@@ -92,10 +104,11 @@ class EpochRecorder:
             fits = gates_fit(stats, selection_budget(self.args))
             row |= {"val_int8_agreement": stats["agreement"] / 100, "val_int8_fits": int(fits)}
         self.history.append(row)
-        key = (fits, val_acc, -val_loss)
-        improved = key > (self.best.get("int8_fits", True), self.best["val_acc"], -self.best["val_loss"])
+        metric = getattr(self.args, "select_metric", None) or "accuracy"
+        candidate = {k: row[k] for k in ("val_acc", "val_bal_acc", "val_loss", "epoch")} | {"int8_fits": fits}
+        improved = selection_key(candidate, metric) > selection_key(self.best, metric)
         if improved:
-            self.best, self.bad = {"val_acc": val_acc, "val_loss": val_loss, "epoch": epoch, "int8_fits": fits}, 0
+            self.best, self.bad = candidate, 0
             if "val_int8_agreement" in row:
                 self.best["val_int8_agreement"] = row["val_int8_agreement"]
         else:
@@ -111,7 +124,7 @@ class EpochRecorder:
 
     def _save(self, epoch: int, row: dict, improved: bool, model: torch.nn.Module, resume_state: dict) -> None:
         sd = {k: v.detach().cpu() for k, v in model.state_dict().items()}
-        metrics = {"epoch": epoch, "val_acc": row["val_acc"], "val_loss": row["val_loss"]}
+        metrics = {k: row[k] for k in ("epoch", "val_acc", "val_bal_acc", "val_loss")}
         ck = Checkpoint(self.spec, sd, metrics, vars_json(self.args))
         if improved:
             save_checkpoint(ck, self.run / "best.pt")
@@ -129,19 +142,21 @@ class EpochRecorder:
         }
         atomic_torch_save(state, self.run / "resume.pt")
         buf = io.StringIO()
-        w = csv.DictWriter(buf, fieldnames=list(self.history[0]), lineterminator="\n")
+        columns = dict.fromkeys(k for r in self.history for k in r)  # a resumed older run lacks the newer columns
+        w = csv.DictWriter(buf, fieldnames=list(columns), lineterminator="\n")
         w.writeheader()
         w.writerows(self.history)
         atomic_write(self.run / "history.csv", buf.getvalue().encode())
 
     def _log(self, row: dict, improved: bool) -> None:
         if self.tb:
-            for k in ("train_loss", "train_acc", "val_loss", "val_acc", "lr"):
+            for k in ("train_loss", "train_acc", "val_loss", "val_acc", "val_bal_acc", "lr"):
                 self.tb.add_scalar(k, row[k], row["epoch"])
             self.tb.flush()
         print(
             f"epoch {row['epoch']:3d}/{self.args.epochs}  train loss {row['train_loss']:.4f} acc "
-            f"{row['train_acc']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} | lr {row['lr']:.2e}"
+            f"{row['train_acc']:.4f} | val loss {row['val_loss']:.4f} acc {row['val_acc']:.4f} "
+            f"bal {row['val_bal_acc']:.4f} | lr {row['lr']:.2e}"
             f" | {row['seconds']:.1f}s"
             + (
                 f" | int8 agree {100 * row['val_int8_agreement']:.2f} % {'fits' if row['val_int8_fits'] else 'outside'}"

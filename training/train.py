@@ -72,6 +72,7 @@ RESUME_LOCKED = (
     "int8_select_margin",
     "class_weight",
     "ema",
+    "select_metric",
 )
 
 
@@ -274,6 +275,8 @@ def finish(args, batches: Batches, spec: ModelSpec, run: Path, result: dict) -> 
         "unreadable_files": batches.source.skipped,
         "best_epoch": result["best"]["epoch"],
         "val_accuracy": result["best"]["val_acc"],
+        **({"val_balanced_accuracy": result["best"]["val_bal_acc"]} if "val_bal_acc" in result["best"] else {}),
+        "select_metric": args.select_metric,
         **(
             {"val_int8_agreement": result["best"]["val_int8_agreement"], "val_int8_fits": result["best"]["int8_fits"]}
             if "val_int8_agreement" in result["best"]
@@ -304,6 +307,12 @@ def finish(args, batches: Batches, spec: ModelSpec, run: Path, result: dict) -> 
         run / "confusion_matrix.png",
         f"{spec.arch} on {batches.source.name} ({split_name}): {100 * m['accuracy']:.2f} %",
     )
+    best = result["best"]
+    if "val_bal_acc" in best:
+        print(
+            f"chosen on validation ({args.select_metric}): epoch {best['epoch']},"
+            f" accuracy {100 * best['val_acc']:.2f} % (balanced {100 * best['val_bal_acc']:.2f} %)"
+        )
     print(format_report(m, list(spec.class_names), split_name))
     return metrics
 
