@@ -275,13 +275,14 @@ def test_benchmark_summarises_seeds_as_mean_and_sample_std():
     from training.benchmark import summary_rows
 
     rows = [
-        {"config": "--mode transfer", "seed": s, "wall_s": w, "accuracy": a, "balanced": b}
-        for s, w, a, b in [(0, 180, 76.0, 50.0), (1, 60, 78.0, 52.0), (2, 60, 80.0, 54.0)]
+        {"config": "--mode transfer", "seed": s, "wall_s": w, "accuracy": a, "balanced": b, "val": v}
+        for s, w, a, b, v in [(0, 180, 76.0, 50.0, 81.0), (1, 60, 78.0, 52.0, 82.0), (2, 60, 80.0, 54.0, 83.0)]
     ]
     rows.append({"config": "--mode transfer", "seed": 3, "wall_s": 5, "error": "boom"})  # failed runs are left out
     (line,) = summary_rows(rows)
     assert "| 3 |" in line and "3.0 min (cold), 1.0 min (warm)" in line
     assert "78.00 ± 2.00 %" in line and "52.00 ± 2.00 %" in line  # ddof=1
+    assert line.index("82.00 ± 1.00 %") < line.index("78.00 ± 2.00 %")  # validation (what chose) before held-out
 
 
 def test_symmetric_views_are_the_eight_symmetries_of_a_square():
