@@ -244,11 +244,13 @@ def int8_failure_hint(rep: dict, run: dict | None, desc: str) -> str | None:
     if not failing or any(r["artifact"] not in INT8 for r in failing):
         return None
     worst = min(failing, key=lambda r: r["agreement"])
+    retrain = quantize.training_hint(run)
     return (
         f"INT8 chosen on the validation images misses its budget on {desc} ({worst['artifact']}: "
         f"{worst['agreement']:.1f} % top-1 agreement, drop {worst['drop']:+.1f} pt); the fp32 formats passed. next: "
-        + quantize.training_hint(run)
-        + "or export with --no-int8 to ship fp32 only (report.md shows every gate)"
+        + retrain
+        + ("or " if retrain else "")
+        + "export with --no-int8 to ship fp32 only (report.md shows every gate)"
     )
 
 

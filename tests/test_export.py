@@ -170,6 +170,9 @@ def test_run_onnx_feeds_large_sets_in_chunks(tmp_path, fixed_batch):
         None,
         {"mode": "finetune", "trainable_from": 11, "int8_aware": False},
         {"mode": "finetune", "trainable_from": 11, "int8_aware": True},
+        {"mode": "finetune", "trainable_from": 11, "int8_aware": True, "class_weight": "sqrt"},
+        {"mode": "transfer", "class_weight": "inverse"},
+        {"mode": "scratch", "class_weight": "none"},
     ],
 )
 @pytest.mark.parametrize("searched", ["fast", "full"])
@@ -192,6 +195,10 @@ def test_int8_refusal_message_names_the_next_steps(run, searched, tmp_path):
     assert ("python training/train.py --mode finetune (or --mode scratch)" in line) == (mode == "transfer")
     assert ("python training/train.py --mode transfer --int8-aware" in line) == (mode == "transfer")
     assert ("python training/train.py --mode finetune --trainable-from 11 --int8-aware" in line) == partial
+    # a class-weighted run (on ELPV 3 of 3 weighted partial-finetune seeds were refused): retrain without the weights
+    weighted = (run or {}).get("class_weight") not in (None, "none")
+    assert (f"trained with --class-weight {(run or {}).get('class_weight')}" in line) == weighted
+    assert ("retrain with --class-weight none" in line) == weighted
     assert ("python training/train.py" in line) == (mode == "transfer" or partial)
 
 
@@ -207,15 +214,19 @@ def _gate(artifact, passed, agreement=100.0, drop=0.0):
         ([_gate("onnx_fp32", True), _gate("onnx_int8", True)], None),
     ],
 )
-@pytest.mark.parametrize("mode", ["transfer", "scratch"])
-def test_int8_failure_hint_only_when_int8_alone_fails(rows, expected, mode):
-    run = {"mode": mode}
+@pytest.mark.parametrize("mode, weight", [("transfer", "none"), ("scratch", "none"), ("finetune", "sqrt")])
+def test_int8_failure_hint_only_when_int8_alone_fails(rows, expected, mode, weight):
+    run = {"mode": mode, "class_weight": weight}
     hint = to_onnx.int8_failure_hint({"artifacts": rows}, run, "elpv-4class test split (300 of 656 images)")
     if expected is None:
         assert hint is None
         return
     assert "\n" not in hint and "onnx_int8: " + expected in hint and "test split" in hint and "--no-int8" in hint
     assert ("--mode finetune" in hint) == (mode == "transfer")
+    assert ("retrain with --class-weight none" in hint) == (weight == "sqrt")
+    # the fp32-only way out reads as the only step, or as the last of several
+    assert ("next: export with --no-int8" in hint) == (mode == "scratch")
+    assert ("or export with --no-int8" in hint) == (mode != "scratch")
 
 
 def test_int8_refused_when_no_candidate_fits_names_the_next_step(exported_run, monkeypatch, capsys):
