@@ -308,8 +308,8 @@ PARTIAL_HINT = (
 # Measured on ELPV (README "Class weights and balanced-accuracy selection"): with --class-weight sqrt the stronger
 # recipe's INT8 export was refused on 3 of 3 seeds (0 of 3 unweighted), the transfer run's on 1 of 3 (0 of 3).
 CLASS_WEIGHT_HINT = (
-    "this model was trained with --class-weight {weight}, which moves more decisions between neighbouring classes "
-    "than INT8 rounding may move (on ELPV it cost the INT8 export its budget on 3 of 3 partial-finetune seeds); if "
+    "this model was trained with --class-weight {weight}, which puts more images near a decision boundary, where "
+    "INT8 rounding flips them (on ELPV it cost the INT8 export its budget on 3 of 3 partial-finetune seeds); if "
     "the INT8 file matters more than balanced accuracy, retrain with --class-weight none, then export again; "
 )
 
