@@ -111,10 +111,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument(
         "--int8-select",
         action=argparse.BooleanOptionalAction,
-        help="transfer with --int8-aware: the best epoch is the most accurate one on validation among those whose "
-        "INT8 model fits the export's default budget on validation (agreement >= 98 %%, top-1 drop <= 1 point, no "
-        "class drop > 5 points; core/gates.py), else the most accurate one. Default: on wherever --int8-aware trains "
-        "a transfer head; --no-int8-select: accuracy alone",
+        help="transfer with --int8-aware: the best epoch is the best one on validation (by --select-metric) among "
+        "those whose INT8 model fits the export's default budget on validation (agreement >= 98 %%, top-1 drop <= 1 "
+        "point, no class drop > 5 points; core/gates.py), else the best one. Default: on wherever --int8-aware "
+        "trains a transfer head; --no-int8-select: --select-metric alone",
     )
     g.add_argument(
         "--int8-select-margin",
