@@ -38,7 +38,8 @@ from export.runtime import make_session
 # grid), and keeps ORT's plain settings, which are the fastest where they fit. ORT's plain reduce-range setting,
 # symmetric S8 activations and per-tensor weights never fit or won on a model measured here, and the histogram
 # calibrators (Percentile, Entropy) keep every activation of every calibration image (on a 300 px Lite0 with 256
-# images they exceeded 24 GB): full search.
+# images they exceeded 24 GB; they now calibrate on the images that fit, core.quantization.histogram_images): full
+# search.
 FAST_SEARCH = (
     MIXED,
     MIXED_7BIT,
