@@ -356,7 +356,8 @@ def _quantize_static(
     quantize_static(
         str(src),
         str(out),
-        Reader(calib, name),
+        # histogram calibrators stack each tensor's batches: uneven batches (n not a multiple of 16) fail in ORT
+        Reader(calib, name, batch=1 if cfg.calibration in HISTOGRAM_CALIBRATIONS else 16),
         quant_format=getattr(QuantFormat, cfg.fmt),
         activation_type=QuantType.QUInt8 if cfg.activations == "U8" else QuantType.QInt8,
         weight_type=QuantType.QInt8,
