@@ -388,6 +388,90 @@ def test_int8_aware_partial_finetune_draws_half_its_samples_from_the_int8_prefix
     assert torch.equal(again[:, 0], seen)  # seeded: a resumed epoch draws the same samples
 
 
+def test_tied_drop_gives_stacked_copies_the_same_stochastic_depth_draws():
+    """tied_drop(module, 2): a training batch of two stacked copies of B inputs drops the same residual branches in
+    both copies (the copies' outputs are equal); untied, they are drawn apart; outside the context the tie is gone."""
+    from core.models import create_model
+    from core.models.efficientnet_lite import tied_drop
+
+    torch.manual_seed(0)
+    backbone = create_model("efficientnet_lite0", 3, 3, 32, None, keep_pretrained_head=False).backbone.train()
+    for b in backbone._blocks:
+        b.drop = 0.5  # many dropped branches, so untied copies surely differ
+    h = backbone.prefix(torch.randn(6, 3, 64, 64), 11).detach()
+    pair = torch.cat([h, h])
+    with tied_drop(backbone, 2):
+        a, b = backbone(pair, 11).split(6)
+    assert torch.allclose(a, b, atol=1e-5)
+    a, b = backbone(pair, 11).split(6)
+    assert not torch.allclose(a, b, atol=1e-3)
+    assert all(m.tie == 1 for m in backbone._blocks)
+    backbone.eval()
+    with tied_drop(backbone, 2):  # evaluation drops nothing: the tie changes no number
+        assert torch.equal(backbone(h, 11), backbone.eval()(h, 11))
+
+
+def test_int8_consistency_in_a_partial_finetune_runs_the_suffix_on_both_copies():
+    """Int8Consistency with a backbone and a cut: [B, 2, C, H, W] batches go through blocks[start:] and the head
+    together; the fp32 copy gives the logits, the penalty is the centred squared logit difference between the
+    copies (zero for identical copies even with dropout and stochastic depth on); [B, C, H, W] passes through."""
+    from core.models import create_model
+    from core.models.efficientnet_lite import Suffix
+    from training.engine import Int8Consistency
+
+    torch.manual_seed(0)
+    model = create_model("efficientnet_lite0", 3, 3, 32, None, keep_pretrained_head=False, dropout=0.5)
+    h = model.backbone.prefix(torch.randn(4, 3, 64, 64), 11).detach()
+    m = Int8Consistency(model.head, 3.0, model.backbone, 11).train()
+    assert m(torch.stack([h, h], 1)).shape == (4, 3) and m.penalty.item() == 0.0
+    noise = 0.3 * torch.randn_like(h)
+    m.eval()
+    m(torch.stack([h, h + noise], 1))
+    d = model.head(model.backbone(h, 11)) - model.head(model.backbone(h + noise, 11))
+    expected = 3.0 * (d - d.mean(1, keepdim=True)).pow(2).mean()
+    assert m.penalty.item() == pytest.approx(expected.item(), rel=1e-4) and expected.item() > 0
+    m.penalty = None
+    assert torch.equal(m(h), Suffix(model.backbone, model.head, 11)(h)) and m.penalty is None
+    names = {n.split(".")[0] for n, _ in m.named_parameters()}
+    assert names == {"backbone", "head"}  # the optimizer's backbone learning-rate scale still applies
+
+
+def test_int8_consistency_pairs_a_partial_finetune_when_asked(workdir, tiny_folder, monkeypatch):
+    """--int8-aware --int8-consistency W in a partial finetune: every training batch holds each image's fp32 and
+    INT8 prefix output side by side and the loss carries the penalty; without it the samples alternate."""
+    from training import engine
+
+    shapes = []
+    forward = engine.Int8Consistency.forward
+    monkeypatch.setattr(engine.Int8Consistency, "forward", lambda m, x: shapes.append(x.ndim) or forward(m, x))
+    argv = ["--data", str(tiny_folder), "--mode", "finetune", "--model", "efficientnet_lite0", "--epochs", "1"]
+    argv += ["--trainable-from", "12", "--views", "2", "--int8-aware"]
+    assert run_train(*argv, "--int8-consistency", "50", "--name", "paired") == 0
+    assert 5 in shapes and 4 in shapes  # paired training batches, plain evaluation batches
+    args = json.loads((workdir / "artifacts/runs/paired/meta.json").read_text())["args"]
+    assert args["int8_consistency"] == 50.0 and args["int8_aware"] is True
+    shapes.clear()
+    assert run_train(*argv, "--name", "alternating") == 0
+    assert shapes == []  # the default (0): no pairing module at all
+
+
+def test_a_partial_finetune_recorded_before_pairing_existed_resumes_unpaired(workdir, tiny_folder, capsys):
+    """Its resume.pt says --int8-consistency 50 (then ignored by a partial finetune): it resumes as it trained,
+    and asking for pairing on resume is refused as a changed option."""
+    argv = ["--data", str(tiny_folder), "--mode", "finetune", "--model", "efficientnet_lite0", "--epochs", "2"]
+    argv += ["--trainable-from", "12", "--views", "2", "--int8-aware"]
+    assert run_train(*argv, "--name", "old") == 0
+    resume = workdir / "artifacts/runs/old/resume.pt"
+    state = torch.load(resume, weights_only=True)
+    state["epoch"], state["history"], state["args"]["int8_consistency"] = 1, state["history"][:1], 50.0
+    del state["partial_pairs"]
+    torch.save(state, resume)
+    assert run_train(*argv, "--resume", "old", "--int8-consistency", "50") == 2
+    assert "int8_consistency=0.0" in capsys.readouterr().err
+    assert run_train(*argv, "--resume", "old") == 0
+    assert [r["epoch"] for r in read_history(workdir / "artifacts/runs/old")] == ["1", "2"]
+
+
 def test_int8_aware_prefix_trains_against_the_exports_lead_and_boundary(tmp_path):
     """A partial finetune's frozen prefix is quantized with the export's fp32 lead counted over the whole network
     and keeps the Q/DQ pair on its output (exactness: tests/test_int8_correction.py); the whole backbone (transfer)
@@ -475,7 +559,9 @@ def test_int8_aware_default_is_on_where_the_export_trains_against_it(argv, on):
     from training.cli import parse_args
 
     args = parse_args(["--mode", "transfer", *argv])
-    assert args.int8_aware is on and args.int8_consistency == 50.0
+    pairs = 0.0 if "--trainable-from" in argv else 50.0  # a partial finetune pairs only when asked (twice the cost)
+    assert args.int8_aware is on and args.int8_consistency == pairs
+    assert parse_args(["--mode", "transfer", *argv, "--int8-consistency", "20"]).int8_consistency == 20.0
 
 
 def test_int8_consistency_must_not_be_negative(workdir, tiny_folder, capsys):

@@ -71,10 +71,13 @@ class Batches:
             self.frozen, self.trainee = Prefix(model.backbone, self.stop), Suffix(model.backbone, model.head, self.stop)
         else:
             self.frozen, self.trainee = model.backbone, model.head if self.use_features else model
-        # transfer --int8-aware: the head trains on fp32 and INT8 features side by side (training.engine)
-        self.paired = self.stop is None and self.use_features and args.int8_aware and args.int8_consistency > 0
-        if self.paired:
+        # --int8-aware with --int8-consistency > 0: what trains (the head, or blocks[stop:] and the head) sees each
+        # image's fp32 and INT8 features side by side (training.engine.Int8Consistency)
+        self.paired = self.use_features and args.int8_aware and args.int8_consistency > 0
+        if self.paired and self.stop is None:
             self.trainee = Int8Consistency(model.head, args.int8_consistency)
+        elif self.paired:
+            self.trainee = Int8Consistency(model.head, args.int8_consistency, model.backbone, self.stop)
         set_bn_momentum(self.trainee, args.bn_momentum)
         self._train_tf = train_transform(spec, args.augment)
         self._eval_tf = eval_transform(spec)

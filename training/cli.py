@@ -98,15 +98,17 @@ def get_args_parser() -> argparse.ArgumentParser:
         action=argparse.BooleanOptionalAction,
         help="train against the export's INT8 run of the frozen part (core.quantization.MIXED): in transfer mode "
         "the head learns on each image's fp32 and INT8 features together (--int8-consistency); in a partial "
-        "finetune half of the samples come from the INT8 prefix. Default: on for EfficientNet-Lite transfer "
-        "runs on cached features (the default model), off otherwise; --no-int8-aware turns it off",
+        "finetune half of the samples come from the INT8 prefix, or both with --int8-consistency. Default: on "
+        "for EfficientNet-Lite transfer runs on cached features (the default model), off otherwise; "
+        "--no-int8-aware turns it off",
     )
     g.add_argument(
         "--int8-consistency",
         type=float,
-        default=50.0,
-        help="transfer with --int8-aware: weight of the penalty on the difference between the head's logits on "
-        "the fp32 and the INT8 features (each centred over the classes); 0 trains on both as separate samples",
+        help="with --int8-aware: weight of the penalty on the difference between the logits on each image's fp32 "
+        "and INT8 features of the frozen part (each centred over the classes); both go through what trains in one "
+        "batch (a partial finetune's steps cost twice as much). 0 trains on them as separate samples (in a partial "
+        "finetune each image comes from one of them per epoch). Default: 50 in transfer mode, 0 in a partial finetune",
     )
     g.add_argument(
         "--int8-select",
@@ -189,6 +191,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
             setattr(args, k, v)
     if args.epochs < 1 or args.batch_size < 1 or args.lr <= 0:
         raise UserError("--epochs and --batch-size must be >= 1 and --lr > 0")
+    if args.int8_consistency is None:
+        args.int8_consistency = 50.0 if args.trainable_from is None else 0.0
     if args.int8_consistency < 0:
         raise UserError(f"--int8-consistency {args.int8_consistency} is negative: give a weight >= 0, e.g. 50")
     if args.int8_aware is None:  # measured where it matters: the default EfficientNet-Lite transfer model

@@ -14,6 +14,7 @@ from torch import nn
 from tqdm import tqdm
 
 from core.faults import crash_point
+from core.models.efficientnet_lite import tied_drop
 
 OPTIMIZERS = ("sgd", "adam", "adamw")
 SCHEDULES = ("cosine", "step", "constant")
@@ -131,24 +132,35 @@ def _without_dropout(head: nn.Module, x: torch.Tensor) -> torch.Tensor:
 
 
 class Int8Consistency(nn.Module):
-    """What a transfer run with --int8-aware trains: the head, fed [B, 2, F] batches that hold each image's fp32
-    features and the export's INT8 backbone features (core.quantization.MIXED). The fp32 logits (with dropout)
-    go to the loss as usual; `penalty` holds weight x the mean squared difference between the head's dropout-free
-    logits on the two, each centred over the classes (a shift of all logits changes no decision), for
-    `with_penalty` to add. [B, F] batches (evaluation) pass straight through. Measured on the ELPV Lite0 model
-    (README "INT8 that fits", validation): fp32/INT8 agreement 95.8 -> 98.2 +- 0.9 % at weight 50 (8 seeds), for
-    -1.5 points of fp32 top-1 (80.6 -> 79.1 %)."""
+    """What a run with --int8-aware and --int8-consistency > 0 trains, fed [B, 2, ...] batches that hold each
+    image's fp32 features and the export's INT8 features of the frozen part (core.quantization.MIXED): in transfer
+    mode the head on backbone features; in a partial finetune (`backbone`, `start`) blocks[start:] and the head on
+    the frozen prefix's output, both copies in one batch with the same stochastic-depth draws (tied_drop). The
+    fp32 logits (with dropout) go to the loss as usual; `penalty` holds weight x the mean squared difference between
+    the head's dropout-free logits on the two, each centred over the classes (a shift of all logits changes no
+    decision), for `with_penalty` to add. Unpaired batches (evaluation) pass straight through. Measured on the ELPV
+    Lite0 transfer model (README "INT8 that fits", validation): fp32/INT8 agreement 95.8 -> 98.2 +- 0.9 % at weight
+    50 (8 seeds), for -1.5 points of fp32 top-1 (80.6 -> 79.1 %)."""
 
-    def __init__(self, head: nn.Module, weight: float) -> None:
+    def __init__(self, head: nn.Module, weight: float, backbone: nn.Module | None = None, start: int = 0) -> None:
         super().__init__()
-        self.head, self.weight = head, weight
+        self.head, self.weight, self.backbone, self.start = head, weight, backbone, start
         self.penalty: torch.Tensor | None = None
 
+    def _features(self, x: torch.Tensor) -> torch.Tensor:
+        return x if self.backbone is None else self.backbone(x, self.start)
+
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if x.ndim != 3:
-            return self.head(x)
-        logits = self.head(x[:, 0])
-        d = _without_dropout(self.head, x[:, 0]) - _without_dropout(self.head, x[:, 1])
+        if x.ndim != (3 if self.backbone is None else 5):
+            return self.head(self._features(x))
+        b = x.shape[0]
+        if self.backbone is None:
+            f0, f1 = x[:, 0], x[:, 1]
+        else:
+            with tied_drop(self.backbone, 2):
+                f0, f1 = self._features(torch.cat([x[:, 0], x[:, 1]])).split(b)
+        logits = self.head(f0)
+        d = _without_dropout(self.head, f0) - _without_dropout(self.head, f1)
         self.penalty = self.weight * (d - d.mean(1, keepdim=True)).pow(2).mean()
         return logits
 

@@ -139,6 +139,7 @@ class EpochRecorder:
             "bad_epochs": self.bad,
             "wall": self.wall,
             "args": vars_json(self.args),
+            "partial_pairs": True,  # --int8-consistency means pairing in a partial finetune too (see check_resume)
         }
         atomic_torch_save(state, self.run / "resume.pt")
         buf = io.StringIO()

@@ -9,6 +9,8 @@ padding, which is asymmetric for stride 2 on even sizes; getting it wrong silent
 from __future__ import annotations
 
 import math
+from collections.abc import Iterator
+from contextlib import contextmanager
 
 import torch
 import torch.nn.functional as F
@@ -74,6 +76,7 @@ class MBConv(nn.Module):
         self._bn2 = _bn(cout)
         self.residual = stride == 1 and cin == cout
         self.drop = drop
+        self.tie = 1  # rows that share one stochastic-depth draw (see tied_drop)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         h = x
@@ -82,8 +85,32 @@ class MBConv(nn.Module):
         h = F.relu6(self._bn1(self._depthwise_conv(h)))
         h = self._bn2(self._project_conv(h))
         if self.residual:
-            h = stochastic_depth(h, self.drop, "row", self.training) + x
+            h = _drop_rows(h, self.drop, self.training, self.tie) + x
         return h
+
+
+def _drop_rows(h: torch.Tensor, p: float, training: bool, tie: int) -> torch.Tensor:
+    """Row-wise stochastic depth; with tie = n the batch is n stacked copies of B rows and row i of each copy
+    gets the same draw."""
+    if tie == 1 or not training or p == 0.0:
+        return stochastic_depth(h, p, "row", training)
+    keep = 1.0 - p
+    mask = h.new_empty(h.shape[0] // tie, *[1] * (h.ndim - 1)).bernoulli_(keep).div_(keep)
+    return h * mask.repeat(tie, *[1] * (h.ndim - 1))
+
+
+@contextmanager
+def tied_drop(module: nn.Module, tie: int) -> Iterator[None]:
+    """Within the block, a batch of `tie` stacked copies of the same B inputs (e.g. each image's fp32 and INT8
+    prefix output) drops the same residual branches in every copy, so the copies differ only by their input."""
+    blocks = [m for m in module.modules() if isinstance(m, MBConv)]
+    for b in blocks:
+        b.tie = tie
+    try:
+        yield
+    finally:
+        for b in blocks:
+            b.tie = 1
 
 
 class EfficientNetLite(nn.Module):
