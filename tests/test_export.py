@@ -171,6 +171,9 @@ def test_run_onnx_feeds_large_sets_in_chunks(tmp_path, fixed_batch):
         {"mode": "finetune", "trainable_from": 11, "int8_aware": False},
         {"mode": "finetune", "trainable_from": 11, "int8_aware": True},
         {"mode": "finetune", "trainable_from": 11, "int8_aware": True, "class_weight": "sqrt"},
+        {"mode": "finetune", "trainable_from": 11, "int8_aware": True, "class_weight": "sqrt", "int8_consistency": 0.0},
+        {"mode": "finetune", "trainable_from": 11, "int8_aware": True, "class_weight": "sqrt", "int8_consistency": 10},
+        {"mode": "finetune", "trainable_from": 11, "int8_aware": False, "class_weight": "sqrt"},
         {"mode": "transfer", "class_weight": "inverse"},
         {"mode": "scratch", "class_weight": "none"},
     ],
@@ -200,6 +203,11 @@ def test_int8_refusal_message_names_the_next_steps(run, searched, tmp_path):
     assert (f"trained with --class-weight {(run or {}).get('class_weight')}" in line) == weighted
     assert ("retrain with --class-weight none" in line) == weighted
     assert ("python training/train.py" in line) == (mode == "transfer" or partial)
+    # a weighted partial finetune that trained against the INT8 prefix unpaired: pairing keeps the weights (measured)
+    unpaired = weighted and run["mode"] == "finetune" and run["int8_aware"] and not run.get("int8_consistency")
+    assert ("retrain with --int8-consistency 10 added" in line) == unpaired
+    if unpaired:
+        assert line.index("--int8-consistency 10") < line.index("--class-weight none")  # the step that keeps them first
 
 
 def _gate(artifact, passed, agreement=100.0, drop=0.0):
