@@ -27,7 +27,7 @@ from core.spec import ModelSpec
 from core.torch_io import atomic_torch_save
 from training.engine import balanced_accuracy
 
-RESUME_FORMAT = 1
+RESUME_FORMAT = 2  # 2: --int8-consistency pairs a partial finetune too (train.check_resume reads older ones)
 # --int8-select's margin over the budget's agreement (points). The validation split is a sample: at 98 % agreement
 # on 296 images its standard error is 0.8 points, so an epoch chosen at exactly the gate misses it on the test split
 # about half the time (measured on ELPV, 2026-12-05: chosen at 98.31 % on validation, 97.67 % on test).
@@ -139,7 +139,6 @@ class EpochRecorder:
             "bad_epochs": self.bad,
             "wall": self.wall,
             "args": vars_json(self.args),
-            "partial_pairs": True,  # --int8-consistency means pairing in a partial finetune too (see check_resume)
         }
         atomic_torch_save(state, self.run / "resume.pt")
         buf = io.StringIO()
