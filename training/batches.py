@@ -74,10 +74,9 @@ class Batches:
         # --int8-aware with --int8-consistency > 0: what trains (the head, or blocks[stop:] and the head) sees each
         # image's fp32 and INT8 features side by side (training.engine.Int8Consistency)
         self.paired = self.use_features and args.int8_aware and args.int8_consistency > 0
-        if self.paired and self.stop is None:
-            self.trainee = Int8Consistency(model.head, args.int8_consistency)
-        elif self.paired:
-            self.trainee = Int8Consistency(model.head, args.int8_consistency, model.backbone, self.stop)
+        if self.paired:  # a partial finetune runs blocks[stop:] before the head
+            body = None if self.stop is None else model.backbone
+            self.trainee = Int8Consistency(model.head, args.int8_consistency, body, self.stop or 0)
         set_bn_momentum(self.trainee, args.bn_momentum)
         self._train_tf = train_transform(spec, args.augment)
         self._eval_tf = eval_transform(spec)
