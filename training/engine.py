@@ -108,6 +108,11 @@ def progress_bar(iterable, desc: str, progress: bool, total: int | None = None) 
     return tqdm(iterable, desc=desc, total=total, leave=False, disable=None if progress else True, dynamic_ncols=True)
 
 
+def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
+    """An image batch in the memory layout the model's convolutions were put in (--channels-last); others unchanged."""
+    return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
+
+
 @dataclass
 class EpochStats:
     loss: float
@@ -200,8 +205,7 @@ def train_one_epoch(
         if len(y) == 0:
             continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_layout(x, channels_last)
         with _autocast(device, amp):
             logits = model(x)
             loss = criterion(logits, y)
@@ -249,8 +253,7 @@ def predict(
         if len(y) == 0:
             continue
         x = x.to(device, non_blocking=True)
-        if channels_last and x.ndim == 4:
-            x = x.contiguous(memory_format=torch.channels_last)
+        x = to_layout(x, channels_last)
         with _autocast(device, amp):
             logits.append(model(x).float().cpu())
         labels.append(y)

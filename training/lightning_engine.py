@@ -21,7 +21,7 @@ from core.errors import UserError
 from core.spec import ModelSpec
 from training.batches import Batches
 from training.ema import averaged, resumed_ema
-from training.engine import make_criterion, make_optimizer, make_scheduler
+from training.engine import make_criterion, make_optimizer, make_scheduler, to_layout
 from training.recorder import EpochRecorder
 
 
@@ -93,7 +93,7 @@ def fit_lightning(args: argparse.Namespace, batches: Batches, spec: ModelSpec, r
             self.sums[3] += int(skipped)
             if len(y) == 0:
                 return None  # every image of this batch was unreadable: Lightning skips the step
-            logits = self.net(x)
+            logits = self.net(to_layout(x, args.channels_last))
             loss = self.crit(logits, y)
             self.sums[0] += loss.item() * len(y)
             self.sums[1] += (logits.argmax(1) == y).sum().item()
