@@ -1051,3 +1051,57 @@ def test_benchmark_prints_validation_beside_held_out_figures_and_the_seed_mean(w
         ]
     acc = [100 * m["accuracy"] for m in metrics]
     assert f"{np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f} %" in rows[2]
+
+
+@pytest.mark.parametrize("shape", [(6, 5), (6, 2, 5), (6, 2, 3, 4, 4)])  # features, paired features, paired maps
+def test_mixup_blends_rows_with_one_permutation_and_the_targets_alike(shape):
+    from training.engine import mixed_targets, mixup_batch
+
+    torch.manual_seed(0)
+    x, y = torch.randn(shape), torch.tensor([0, 1, 2, 3, 0, 1])
+    mixed, (perm, lam) = mixup_batch(x, y, 0.4)
+    assert 0 < lam < 1 and sorted(perm.tolist()) == list(range(6)) and perm.tolist() != list(range(6))
+    assert torch.allclose(mixed, lam * x + (1 - lam) * x[perm])  # a paired row blends with one other pair, whole
+    t = mixed_targets(y, (perm, lam), 4)
+    assert t.shape == (6, 4) and torch.allclose(t.sum(1), torch.ones(6))
+    for i in range(6):
+        expect = torch.zeros(4)
+        expect[y[i]] += lam
+        expect[y[perm[i]]] += 1 - lam
+        assert torch.allclose(t[i], expect)
+    for xs, ys, alpha in ((x, y, 0.0), (x[:1], y[:1], 0.4)):  # off, or nothing to blend with
+        out, mix = mixup_batch(xs, ys, alpha)
+        assert out is xs and mix is None
+    assert mixed_targets(y, None, 4) is y
+    # the soft targets mean what the class indices mean to the loss: an unblended batch gives the same loss
+    crit, logits = torch.nn.CrossEntropyLoss(label_smoothing=0.1), torch.randn(6, 4)
+    same = mixed_targets(y, (torch.arange(6), 1.0), 4)
+    assert torch.allclose(crit(logits, same), crit(logits, y))
+
+
+@pytest.mark.parametrize(
+    "argv",
+    [
+        ["--mode", "finetune", "--model", "efficientnet_lite0", "--trainable-from", "12"],
+        ["--mode", "transfer", "--model", "efficientnet_lite0"],
+        ["--mode", "scratch"],
+    ],
+)
+def test_mixup_trains_images_cached_features_and_block_maps(workdir, tiny_folder, argv):
+    common = ["--data", str(tiny_folder), *argv, "--epochs", "2", "--deterministic"]
+    assert run_train(*common, "--name", "plain") == 0
+    assert run_train(*common, "--mixup", "0.4", "--name", "mixed") == 0
+    runs = workdir / "artifacts/runs"
+    plain, mixed = read_history(runs / "plain"), read_history(runs / "mixed")
+    assert len(mixed) == 2 and all(float(r["train_loss"]) > 0 for r in mixed)
+    assert [r["train_loss"] for r in mixed] != [r["train_loss"] for r in plain]
+    assert json.loads((runs / "mixed/meta.json").read_text())["args"]["mixup"] == 0.4
+
+
+def test_a_negative_mixup_is_refused_and_a_resume_keeps_it(workdir, tiny_folder, capsys):
+    assert run_cli(train.main, train_argv(tiny_folder, "--mixup", "-1", name="m")) == 2
+    err = capsys.readouterr().err.strip()
+    assert "--mixup -1.0 is negative" in err and "\n" not in err
+    assert run_scratch(tiny_folder, mixup=0.2, epochs=1, name="m") == 0
+    assert run_scratch(tiny_folder, epochs=2, resume="m") == 2
+    assert "mixup=0.2" in capsys.readouterr().err

@@ -133,6 +133,15 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--gamma", type=float, default=0.1, help="step schedule: decay factor")
     g.add_argument("--label-smoothing", type=float, default=0.1)
     g.add_argument(
+        "--mixup",
+        type=float,
+        default=0.0,
+        metavar="ALPHA",
+        help="mixup: blend each training batch with a shuffled copy of itself, and the targets alike, by lam ~ "
+        "Beta(ALPHA, ALPHA) (what it blends: images, or the cached features / block maps of a transfer run or "
+        "partial finetune); 0 = off, 0.2-0.4 typical",
+    )
+    g.add_argument(
         "--class-weight",
         choices=CLASS_WEIGHTS,
         default="none",
@@ -203,6 +212,8 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
         raise UserError(f"--int8-consistency {args.int8_consistency} is negative: give a weight >= 0, e.g. 50")
     if args.int8_aware is None:  # measured where it matters: the default EfficientNet-Lite transfer model
         args.int8_aware = transfer_cached(args) and get_entry(args.model).family == "efficientnet_lite"
+    if args.mixup < 0:
+        raise UserError(f"--mixup {args.mixup} is negative: give the Beta distribution's alpha, e.g. 0.2 (0: off)")
     if not 0 <= args.ema < 1:
         raise UserError(
             f"--ema {args.ema} is outside [0, 1): give the weight the average keeps per step, e.g. 0.99 (0: off)"

@@ -108,6 +108,27 @@ def progress_bar(iterable, desc: str, progress: bool, total: int | None = None) 
     return tqdm(iterable, desc=desc, total=total, leave=False, disable=None if progress else True, dynamic_ncols=True)
 
 
+def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.Tensor, tuple | None]:
+    """--mixup (Zhang et al. 2018): x blended with a shuffled copy of the batch by lam ~ Beta(alpha, alpha); returns
+    the blend and (permutation, lam) for `mixed_targets`, or x unchanged and None (off, or a batch of one). Paired
+    batches [B, 2, ...] (--int8-consistency) blend whole pairs, so both copies of a row stay one image's."""
+    if alpha <= 0 or len(y) < 2:
+        return x, None
+    lam = float(torch.distributions.Beta(alpha, alpha).sample())
+    perm = torch.randperm(len(y)).to(x.device)
+    return lam * x + (1 - lam) * x[perm], (perm, lam)
+
+
+def mixed_targets(y: torch.Tensor, mix: tuple | None, num_classes: int) -> torch.Tensor:
+    """The labels as the loss reads them: class indices without mixup, else the blend of the two one-hot targets
+    (nn.CrossEntropyLoss takes class probabilities, and applies --label-smoothing and --class-weight to them)."""
+    if mix is None:
+        return y
+    perm, lam = mix
+    t = nn.functional.one_hot(y, num_classes).float()
+    return lam * t + (1 - lam) * t[perm]
+
+
 def to_layout(x: torch.Tensor, channels_last: bool) -> torch.Tensor:
     """An image batch in the memory layout the model's convolutions were put in (--channels-last); others unchanged."""
     return x.contiguous(memory_format=torch.channels_last) if channels_last and x.ndim == 4 else x
@@ -196,7 +217,10 @@ def train_one_epoch(
     progress: bool = True,
     clip_grad: float | None = None,
     on_step=None,
+    mixup: float = 0.0,
 ) -> EpochStats:
+    """One pass over `loader`; the training accuracy counts each image's own label (under --mixup, the blend's
+    larger part only about half the time, so it reads low)."""
     model.train()
     t0, total_loss, correct, seen, skipped = time.perf_counter(), 0.0, 0, 0, 0
     bar = progress_bar(loader, desc, progress)
@@ -205,10 +229,10 @@ def train_one_epoch(
         if len(y) == 0:
             continue
         x, y = x.to(device, non_blocking=True), y.to(device, non_blocking=True)
-        x = to_layout(x, channels_last)
+        x, mix = mixup_batch(to_layout(x, channels_last), y, mixup)
         with _autocast(device, amp):
             logits = model(x)
-            loss = criterion(logits, y)
+            loss = criterion(logits, mixed_targets(y, mix, logits.shape[1]))
         optimizer.zero_grad(set_to_none=True)
         if scaler is not None:
             scaler.scale(loss).backward()

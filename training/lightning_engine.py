@@ -21,7 +21,7 @@ from core.errors import UserError
 from core.spec import ModelSpec
 from training.batches import Batches
 from training.ema import averaged, resumed_ema
-from training.engine import make_criterion, make_optimizer, make_scheduler, to_layout
+from training.engine import make_criterion, make_optimizer, make_scheduler, mixed_targets, mixup_batch, to_layout
 from training.recorder import EpochRecorder
 
 
@@ -93,8 +93,9 @@ def fit_lightning(args: argparse.Namespace, batches: Batches, spec: ModelSpec, r
             self.sums[3] += int(skipped)
             if len(y) == 0:
                 return None  # every image of this batch was unreadable: Lightning skips the step
-            logits = self.net(to_layout(x, args.channels_last))
-            loss = self.crit(logits, y)
+            x, mix = mixup_batch(to_layout(x, args.channels_last), y, args.mixup)
+            logits = self.net(x)
+            loss = self.crit(logits, mixed_targets(y, mix, logits.shape[1]))
             self.sums[0] += loss.item() * len(y)
             self.sums[1] += (logits.argmax(1) == y).sum().item()
             self.sums[2] += len(y)

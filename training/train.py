@@ -71,6 +71,7 @@ RESUME_LOCKED = (
     "int8_select",
     "int8_select_margin",
     "class_weight",
+    "mixup",
     "ema",
     "select_metric",
 )
@@ -241,6 +242,7 @@ def fit(args, batches: Batches, spec: ModelSpec, run: Path, state: dict | None) 
             args.channels_last,
             not args.no_progress and d.main,
             on_step=ema.update if ema else None,
+            mixup=args.mixup,
         )
         sums = [st.loss * st.seen, st.acc * st.seen, st.seen, st.skipped]
         loss_sum, hits, seen, skipped = distributed.sum_all(d, sums)
