@@ -176,6 +176,9 @@ def test_run_onnx_feeds_large_sets_in_chunks(tmp_path, fixed_batch):
         {"mode": "finetune", "trainable_from": 11, "int8_aware": False, "class_weight": "sqrt"},
         {"mode": "transfer", "class_weight": "inverse"},
         {"mode": "scratch", "class_weight": "none"},
+        {"mode": "finetune", "trainable_from": 11, "int8_aware": True, "mixup": 0.2},
+        {"mode": "finetune", "trainable_from": 11, "int8_aware": True, "class_weight": "sqrt", "mixup": 0.4},
+        {"mode": "transfer", "mixup": 0.0},
     ],
 )
 @pytest.mark.parametrize("searched", ["fast", "full"])
@@ -208,6 +211,10 @@ def test_int8_refusal_message_names_the_next_steps(run, searched, tmp_path):
     assert ("retrain with --int8-consistency 10 added" in line) == unpaired
     if unpaired:
         assert line.index("--int8-consistency 10") < line.index("--class-weight none")  # the step that keeps them first
+    # a mixup run (on ELPV 2 of 3 partial-finetune seeds were refused): retrain without it, named with its alpha
+    alpha = (run or {}).get("mixup") or 0
+    assert ("retrain without --mixup" in line) == (alpha > 0)
+    assert (f"trained with --mixup {alpha:g}," in line) == (alpha > 0)
 
 
 def _gate(artifact, passed, agreement=100.0, drop=0.0):
