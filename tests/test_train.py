@@ -1053,6 +1053,14 @@ def test_benchmark_prints_validation_beside_held_out_figures_and_the_seed_mean(w
     assert f"{np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f} %" in rows[2]
 
 
+@pytest.mark.parametrize("first", [True, False])
+def test_a_resumed_run_keeps_the_memory_layout_it_started_with(workdir, tiny_folder, first):
+    assert run_scratch(tiny_folder, epochs=1, name="r", no_channels_last=not first) == 0
+    assert run_scratch(tiny_folder, epochs=2, resume="r", no_channels_last=first) == 0  # asks for the other layout
+    assert json.loads((workdir / "artifacts/runs/r/meta.json").read_text())["args"]["channels_last"] is first
+    assert [int(r["epoch"]) for r in read_history(workdir / "artifacts/runs/r")] == [1, 2]
+
+
 @pytest.mark.parametrize("shape", [(6, 5), (6, 2, 5), (6, 2, 3, 4, 4)])  # features, paired features, paired maps
 def test_mixup_blends_rows_with_one_permutation_and_the_targets_alike(shape):
     from training.engine import mixed_targets, mixup_batch
