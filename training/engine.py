@@ -121,7 +121,9 @@ def mixup_batch(x: torch.Tensor, y: torch.Tensor, alpha: float) -> tuple[torch.T
 
 def mixed_targets(y: torch.Tensor, mix: tuple | None, num_classes: int) -> torch.Tensor:
     """The labels as the loss reads them: class indices without mixup, else the blend of the two one-hot targets
-    (nn.CrossEntropyLoss takes class probabilities, and applies --label-smoothing and --class-weight to them)."""
+    (nn.CrossEntropyLoss takes class probabilities, and applies --label-smoothing and --class-weight to them; with
+    weights it then averages over the batch's images, not over their summed weights as it does for indices - the
+    same scale here, since the weights average 1 per training image)."""
     if mix is None:
         return y
     perm, lam = mix
