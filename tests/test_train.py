@@ -1053,11 +1053,17 @@ def test_benchmark_prints_validation_beside_held_out_figures_and_the_seed_mean(w
     assert f"{np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f} %" in rows[2]
 
 
-@pytest.mark.parametrize("first", [True, False])
+@pytest.mark.parametrize("first", [True, False, None])  # None: resume.pt written before --channels-last existed
 def test_a_resumed_run_keeps_the_memory_layout_it_started_with(workdir, tiny_folder, first):
-    assert run_scratch(tiny_folder, epochs=1, name="r", no_channels_last=not first) == 0
-    assert run_scratch(tiny_folder, epochs=2, resume="r", no_channels_last=first) == 0  # asks for the other layout
-    assert json.loads((workdir / "artifacts/runs/r/meta.json").read_text())["args"]["channels_last"] is first
+    assert run_scratch(tiny_folder, epochs=1, name="r", no_channels_last=first is False) == 0
+    if first is None:  # such runs trained without channels_last, whatever today's default
+        resume = workdir / "artifacts/runs/r/resume.pt"
+        state = torch.load(resume, weights_only=True)
+        del state["args"]["channels_last"]
+        torch.save(state, resume)
+    # asks for the other layout (None: today's default, on)
+    assert run_scratch(tiny_folder, epochs=2, resume="r", no_channels_last=bool(first)) == 0
+    assert json.loads((workdir / "artifacts/runs/r/meta.json").read_text())["args"]["channels_last"] is bool(first)
     assert [int(r["epoch"]) for r in read_history(workdir / "artifacts/runs/r")] == [1, 2]
 
 

@@ -193,7 +193,7 @@ def check_resume(args: argparse.Namespace, main: bool) -> tuple[Path | None, dic
         args.ema = 0.0
     # the layout changes the float summation order: a resumed run keeps the one it started with (runs recorded
     # before channels_last became the default started without it)
-    args.channels_last = old.get("channels_last", args.channels_last)
+    args.channels_last = old.get("channels_last", False)
     if state.get("format", 1) < 2 and old.get("trainable_from") is not None:
         old["int8_consistency"] = 0.0  # recorded before a partial finetune could pair: it trained unpaired
     changed = [k for k in RESUME_LOCKED if k in old and old[k] != getattr(args, k)]
