@@ -42,6 +42,18 @@ def compare(ref_logits: np.ndarray, logits: np.ndarray, labels: np.ndarray) -> d
     }
 
 
+def worst_of(*stats: dict[str, float]) -> dict[str, float]:
+    """One model judged through several runtimes (the INT8 `.onnx` file as ONNX Runtime runs it on x86, and its
+    `.ort` twin, saved without the x86 layout transforms, whose kernels round differently): every criterion at its
+    worst, so that the result fits a budget only where each run does."""
+    return {
+        **min(stats, key=lambda s: s["accuracy"]),
+        "drop": max(s["drop"] for s in stats),
+        "agreement": min(s["agreement"] for s in stats),
+        "worst_class_drop": max(s["worst_class_drop"] for s in stats),
+    }
+
+
 def fits(stats: dict[str, float], b: Budget) -> bool:
     return (
         stats["drop"] <= b.max_drop

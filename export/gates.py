@@ -9,9 +9,9 @@ from dataclasses import fields
 import numpy as np
 
 from core.errors import UserError
-from core.gates import Budget, compare, fits
+from core.gates import Budget, compare, fits, worst_of
 
-__all__ = ["Budget", "add_budget_flags", "budget_from", "compare", "fits", "judge_candidate"]
+__all__ = ["Budget", "add_budget_flags", "budget_from", "compare", "fits", "judge_candidate", "worst_of"]
 
 
 FLAGS = {  # Budget field -> (flag, help)

@@ -537,6 +537,31 @@ def test_budget_gates():
     assert compare(ref, ref, labels)["worst_class_drop"] == 0.0 and fits(compare(ref, ref, labels), Budget())
 
 
+@pytest.mark.parametrize("onnx_flips, ort_flips", [(0, 0), (0, 3), (3, 0), (2, 3), (1, 1)])
+def test_a_model_run_by_two_runtimes_fits_only_where_both_do(onnx_flips, ort_flips):
+    """core.gates.worst_of: the INT8 .onnx file and its .ort twin round differently; the search judges a candidate by
+    the worse of the two on every criterion, never by the better."""
+    from export.gates import Budget, compare, fits, worst_of
+
+    rng = np.random.default_rng(1)
+    ref = rng.normal(size=(100, 3)).astype(np.float32)
+    labels = ref.argmax(1)
+
+    def flipped(n: int, start: int) -> np.ndarray:
+        out = ref.copy()
+        out[start : start + n] = np.roll(out[start : start + n], 1, axis=1)  # n predictions move to another class
+        return out
+
+    a, b = compare(ref, flipped(onnx_flips, 0), labels), compare(ref, flipped(ort_flips, 50), labels)
+    both = worst_of(a, b)
+    assert both["agreement"] == 100 - max(onnx_flips, ort_flips)
+    assert both["drop"] == max(a["drop"], b["drop"]) and both["worst_class_drop"] == max(
+        a["worst_class_drop"], b["worst_class_drop"]
+    )
+    for budget in (Budget(), Budget(max_drop=2.0, min_agreement=97.0, max_class_drop=10.0)):
+        assert fits(both, budget) == (fits(a, budget) and fits(b, budget))
+
+
 @pytest.mark.parametrize("module", ["to_onnx", "quantize", "validate"])
 def test_every_stage_reads_the_one_budget_default(module):
     import importlib

@@ -495,6 +495,40 @@ def test_the_retry_grows_each_configurations_lead_until_it_fits(tmp_path, monkey
     assert (tmp_path / "q.onnx").is_file()
 
 
+def test_the_search_judges_each_candidate_through_its_ort_twin_too(tmp_path, monkeypatch):
+    """export.quantize.search with ort_twin: each candidate is also written as the .ort file the export ships beside
+    it and run from that file; a candidate whose .ort twin flips decisions is judged by them and refused."""
+    from core.gates import Budget
+    from export import quantize
+
+    src = _export(Blocks(), tmp_path / "blocks.onnx")
+    calib, held = _images(32, 3), _images(24, 4)
+    labels = quantize.run_onnx(src, held, 1).argmax(1)  # fp32 is right on every image
+    real_run, ran = quantize.run_onnx, []
+
+    def run_onnx(path, x, threads=None):
+        out = real_run(path, x, threads)
+        ran.append(Path(path).suffix)
+        if Path(path).suffix == ".ort":  # the twin's kernels move 3 of 24 decisions to a wrong class
+            out = out.copy()
+            out[:3] = 10 * np.eye(out.shape[1])[(labels[:3] + 1) % out.shape[1]]
+        return out
+
+    monkeypatch.setattr(quantize, "run_onnx", run_onnx)
+    budget = Budget(max_drop=10.0, min_agreement=0.0, max_class_drop=100.0)
+    plain = quantize.search(src, tmp_path / "q.onnx", calib, held, labels, budget, (QConfig(),), 1)
+    assert ".ort" not in ran and "ort_agreement" not in plain["candidates"][0]
+    ran.clear()
+    both = quantize.search(src, tmp_path / "q2.onnx", calib, held, labels, budget, (QConfig(),), 1, ort_twin=True)
+    assert ran.count(".ort") == len(both["candidates"])  # every candidate ran from its own .ort file
+    row, twin = plain["candidates"][0], both["candidates"][0]
+    assert row["fits"] and row["drop"] < 2.5  # the .onnx candidate alone is close to fp32
+    assert twin["onnx_agreement"] == row["agreement"] and twin["agreement"] == twin["ort_agreement"] < row["agreement"]
+    assert twin["drop"] >= 12.5 > budget.max_drop  # 3 of 24 wrong on the twin
+    assert plain["chosen"] and not both["chosen"] and not (tmp_path / "q2.onnx").exists()
+    assert "(.onnx " in quantize.search_table(both) and "(.onnx " not in quantize.search_table(plain)
+
+
 def test_histogram_calibration_holds_only_the_images_that_fit_in_memory(tiny, tmp_path, monkeypatch, capsys):
     """ORT's Percentile/Entropy calibrators keep every activation of every calibration image (a 300 px Lite0 with 256
     images was OOM-killed on 24 GB): they calibrate on the evenly spread images that fit in half the available
