@@ -47,6 +47,8 @@ def test_one_shot_export_validates_every_artifact(exported_run):
     assert first["config"] == MIXED.name and second["config"] == MIXED_7BIT.name
     assert q["s8_saturates"] in (True, False)  # the CPU probe is part of the record
     assert all("error" not in r and r["img_per_s"] > 0 for r in (first, second))
+    # judged as .onnx and as the .ort twin the export ships (the default): each figure the worse of the two
+    assert all(r["agreement"] == min(r["onnx_agreement"], r["ort_agreement"]) for r in (first, second))
     assert (out / "model.int8.onnx").stat().st_size < (out / "model.onnx").stat().st_size
     summary = json.loads((out / "export.json").read_text())
     stages = summary["stage_seconds"]
@@ -251,13 +253,16 @@ def test_int8_refused_when_no_candidate_fits_names_the_next_step(exported_run, m
     monkeypatch.chdir(run_dir.parent.parent.parent)
     monkeypatch.setattr(quantize, "fits", lambda stats, budget: False)  # a model no configuration can keep
     out = run_dir.parent / "refused"
-    code = one_shot(run_dir, "--out", str(out), "--no-torchscript", "--no-benchmark", "--no-executorch", "--no-litert")
+    code = one_shot(
+        run_dir, "--out", str(out), "--no-ort", "--no-torchscript", "--no-benchmark", "--no-executorch", "--no-litert"
+    )
     assert code == 3
     assert not (out / "model.int8.onnx").exists() and (out / "model.onnx").is_file()
     printed = capsys.readouterr().out
     assert "NOT written" in printed
     assert f"python export/quantize.py --onnx {out / 'model.onnx'} --search full" in printed  # the command to run
     q = json.loads((out / "quantization.json").read_text())
+    assert not any("ort_agreement" in r for r in q["candidates"])  # --no-ort: judged as .onnx only
     retried = [r for r in q["candidates"] if "+fp32-lead" in r["config"]]
     assert retried and all(r["excluded"] for r in retried)  # the retry kept the leading layers in fp32
     assert all(re.search(r"\+fp32-lead\d+%$", r["config"]) for r in retried)  # labelled with the lead's share
