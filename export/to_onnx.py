@@ -39,8 +39,9 @@ def get_args_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--max-images", type=int, default=300, help="held-out images for validation (0 = all)")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every runtime")
+    skips = {"ort": "skip the ort step (the INT8 search then judges candidates as .onnx only)"}
     for flag in ("simplify", "int8", "ort", "torchscript", "executorch", "litert", "validate", "benchmark"):
-        p.add_argument(f"--no-{flag}", action="store_true", help=f"skip the {flag} step")
+        p.add_argument(f"--no-{flag}", action="store_true", help=skips.get(flag, f"skip the {flag} step"))
     p.add_argument(
         "--executorch-int8",
         action="store_true",

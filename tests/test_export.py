@@ -559,6 +559,7 @@ def test_a_model_run_by_two_runtimes_fits_only_where_both_do(onnx_flips, ort_fli
 
     a, b = compare(ref, flipped(onnx_flips, 0), labels), compare(ref, flipped(ort_flips, 50), labels)
     both = worst_of(a, b)
+    assert set(both) == set(a) and both["accuracy"] == min(a["accuracy"], b["accuracy"])
     assert both["agreement"] == 100 - max(onnx_flips, ort_flips)
     assert both["drop"] == max(a["drop"], b["drop"]) and both["worst_class_drop"] == max(
         a["worst_class_drop"], b["worst_class_drop"]
