@@ -23,7 +23,7 @@ import torch
 
 from core.errors import run_cli
 from core.memory import in_use_mb
-from export.common import exported, format_label
+from export.common import add_max_images_flag, exported, format_label
 from export.quantize import THROUGHPUT_BATCH, batch_throughput
 from export.runtime import session_options
 from export.validate import cycled_logits, runner, torch_runner
@@ -272,7 +272,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--export-dir", type=Path, help="folder with the exports (default <run>/export)")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--runs", type=int, default=100, help="timed batch-1 runs per format (in 5 interleaved rounds)")
-    p.add_argument("--max-images", type=int, default=300, help="held-out images for accuracy (0 = all)")
+    add_max_images_flag(p, "held-out images for accuracy")
     return p
 
 

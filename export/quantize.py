@@ -25,7 +25,7 @@ from onnxruntime.quantization.shape_inference import quant_pre_process
 from core.checkpoint import load_checkpoint
 from core.errors import UserError, run_cli
 from core.quantization import MIXED, MIXED_7BIT, QConfig, lead_steps, quantize_one, s8_saturates
-from export.common import calibration_for, selection_for
+from export.common import add_max_images_flag, calibration_for, selection_for
 from export.gates import Budget, add_budget_flags, budget_from, compare, fits, worst_of
 from export.onnx_io import run_onnx, to_ort_format
 from export.runtime import make_session
@@ -257,7 +257,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p.add_argument("--onnx", required=True, help="fp32 ONNX model written by export/to_onnx.py")
     p.add_argument("--checkpoint", help="its checkpoint (default: the run folder above the ONNX file)")
     p.add_argument("--out", help="INT8 model path (default: beside the input, model.int8.onnx)")
-    p.add_argument("--max-images", type=int, default=300, help="validation images that choose (0 = all)")
+    add_max_images_flag(p, "validation images that choose")
     p.add_argument("--threads", type=int, default=2)
     p.add_argument(
         "--no-ort",

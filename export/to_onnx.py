@@ -17,7 +17,15 @@ from core.checkpoint import file_sha256, load_model
 from core.errors import UserError, run_cli
 from export import onnx_io, quantize, validate
 from export.benchmark import benchmark, write_outputs
-from export.common import INT8, data_for, default_checkpoint, existing_artifacts, output_dir, selection_for
+from export.common import (
+    INT8,
+    add_max_images_flag,
+    data_for,
+    default_checkpoint,
+    existing_artifacts,
+    output_dir,
+    selection_for,
+)
 from export.gates import budget_from
 from export.to_executorch import export_executorch, quantize_executorch
 from export.to_litert import export_litert, quantize_litert
@@ -37,7 +45,7 @@ def get_args_parser() -> argparse.ArgumentParser:
         action="store_true",
         help="also write model.uint8.onnx: uint8 NHWC input, normalisation inside the graph",
     )
-    p.add_argument("--max-images", type=int, default=300, help="held-out images for validation (0 = all)")
+    add_max_images_flag(p, "held-out images for validation")
     p.add_argument("--threads", type=int, default=2, help="CPU threads for every runtime")
     skips = {"ort": "skip the ort step (the INT8 search then judges candidates as .onnx only)"}
     for flag in ("simplify", "int8", "ort", "torchscript", "executorch", "litert", "validate", "benchmark"):

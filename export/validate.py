@@ -20,7 +20,7 @@ import numpy as np
 import torch
 
 from core.errors import run_cli
-from export.common import INT8, Images, exported, format_label
+from export.common import INT8, Images, add_max_images_flag, exported, format_label
 from export.gates import Budget, add_budget_flags, budget_from, compare, fits
 from export.quantize import THROUGHPUT_BATCH
 from export.runtime import make_session
@@ -188,7 +188,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description="Validate exported artifacts against the PyTorch checkpoint.")
     p.add_argument("--checkpoint", help="checkpoint or run folder (default artifacts/runs/latest/best.pt)")
     p.add_argument("--export-dir", type=Path, help="folder with model.onnx etc. (default <run>/export)")
-    p.add_argument("--max-images", type=int, default=300, help="held-out images (0 = all)")
+    add_max_images_flag(p, "held-out images")
     p.add_argument("--threads", type=int, default=2)
     add_budget_flags(p)
     return p

@@ -582,6 +582,36 @@ def test_every_stage_reads_the_one_budget_default(module):
         budget_from(args)
 
 
+@pytest.mark.parametrize("module", ["to_onnx", "quantize", "validate", "benchmark"])
+def test_every_stage_reads_the_whole_held_out_split_by_default(module):
+    """A 5-point class gate needs the rarest class's images: ELPV's 2/3 class has 27 of its 656 test images, 12 in a
+    300-image sample (one flip 8.3 points). Every export CLI defaults to the whole split up to HELDOUT_IMAGES."""
+    import importlib
+
+    from export.common import HELDOUT_IMAGES, _stratified
+    from training.data import Split
+
+    mod = importlib.import_module(f"export.{module}")
+    argv = ["--onnx", "m.onnx"] if module == "quantize" else []
+    assert mod.get_args_parser().parse_args(argv).max_images == HELDOUT_IMAGES
+    labels = [0] * 570 + [1] * 59 + [2] * 27  # ELPV's 656 test images, three classes for short
+    split = Split(list(range(len(labels))), labels)
+    assert _stratified(split, HELDOUT_IMAGES, "--max-images") == list(range(656))  # all of them, in order
+    sample = _stratified(split, 300, "--max-images")
+    assert len(sample) == 300 and sum(labels[i] == 2 for i in sample) in (12, 13)  # what 300 used to read
+    big = Split(list(range(1500)), [0, 1, 2] * 500)
+    assert len(_stratified(big, HELDOUT_IMAGES, "--max-images")) == 1000  # a larger split: a stratified sample
+
+
+@pytest.mark.parametrize("asked, crops", [(0, 256), (6, 6), (1000, 256)])
+def test_sample_photo_crops_stay_bounded_whatever_the_held_out_default(asked, crops):
+    """The ImageNet fallback has no split to exhaust: its stand-in crops stop at SAMPLE_CROPS (a default of 1000
+    would otherwise cut 1000 crops of two photos, ~600 MB at 224 px)."""
+    from export.common import _crops
+
+    assert _crops(asked) == crops
+
+
 def test_runtime_needs_no_torch(exported_run):
     """The deployment runtime must work where torch is not installed: block its import and classify."""
     import subprocess
