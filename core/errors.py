@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import sys
+import warnings
 from collections.abc import Callable
 
 
@@ -10,13 +11,21 @@ class UserError(Exception):
     """Bad input or environment: the message says what was wrong and what to do. Printed as one line."""
 
 
+def one_line_warning(message, category, filename, lineno, line=None) -> str:
+    """A warning as one `warning: ...` line, like an error (Python's default adds the file and the source line)."""
+    label = "" if category is UserWarning else f"{category.__name__}: "
+    return f"warning: {label}{message}\n"
+
+
 def run_cli(main: Callable[[list[str] | None], int | None], argv: list[str] | None = None) -> int:
-    """Run an entry point; a UserError becomes `error: ...` on stderr and exit code 2 (no traceback).
+    """Run an entry point; a UserError becomes `error: ...` on stderr and exit code 2 (no traceback), a warning
+    (a skipped unreadable image, say) one `warning: ...` line.
 
     Every entry point also gets the process-wide allocator settings of core/memory.py first."""
     from core.memory import tune_allocator
 
     tune_allocator()
+    warnings.formatwarning = one_line_warning
     try:
         return int(main(argv) or 0)
     except UserError as e:

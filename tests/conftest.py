@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import io
+import os
+import shutil
 from pathlib import Path
 
 import numpy as np
@@ -100,59 +102,57 @@ def tiny_folder(tmp_path: Path) -> Path:
     return make_folder(tmp_path / "data")
 
 
-@pytest.fixture(scope="session")
-def trained_run(tmp_path_factory) -> Path:
-    """One tiny trained run (cnn_small on generated folders) shared by export and demo tests."""
-    import os
-
+def _train_and_export(root: Path) -> None:
+    """In `root`: generated folders, a 4-epoch cnn_small run `m` and its full export (relaxed INT8 budget: a toy
+    model's INT8 accuracy is not the point here)."""
     from core.errors import run_cli
+    from export import to_onnx
     from training import train
 
-    root = tmp_path_factory.mktemp("exp")
     old = os.getcwd()
     os.chdir(root)
     try:
         make_folder(root / "data", per_class=12, odd_files=False)
-        argv = train_argv(root / "data", epochs=4, lr=0.01, name="m")
-        assert run_cli(train.main, argv) == 0
+        assert run_cli(train.main, train_argv(root / "data", epochs=4, lr=0.01, name="m")) == 0
+        argv = ["--checkpoint", "artifacts/runs/m/best.pt", "--calib-images", "24", "--threads", "1"]
+        argv += ["--min-agreement", "90", "--max-drop", "10", "--max-class-drop", "30"]
+        argv += ["--embed-preprocessing", "--executorch-int8", "--litert-int8"]
+        assert run_cli(to_onnx.main, argv) == 0
     finally:
         os.chdir(old)
-    return root / "artifacts/runs/m"
+
+
+def built_once(tmp_path_factory, name: str, build) -> Path:
+    """A folder `build` makes once per test session. Under pytest-xdist the first worker to ask builds it, under a
+    lock, in the session's shared temp folder (the others wait or find it done) and every worker gets its own copy,
+    so a test that writes beside it never races a test on the other worker."""
+    worker_root = tmp_path_factory.getbasetemp()
+    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: its own temp folder is the session's
+        root = tmp_path_factory.mktemp(name)
+        build(root)
+        return root
+    from filelock import FileLock
+
+    shared, done = worker_root.parent / name, worker_root.parent / f"{name}.done"
+    with FileLock(f"{shared}.lock"):
+        if not done.is_file():
+            shutil.rmtree(shared, ignore_errors=True)  # a half-built folder of a worker whose build failed
+            shared.mkdir()
+            build(shared)
+            done.touch()
+    own = worker_root / name
+    shutil.copytree(shared, own, symlinks=True)
+    return own
 
 
 @pytest.fixture(scope="session")
-def exported_run(trained_run: Path) -> Path:
-    """trained_run plus its full export (relaxed INT8 budget: a 4-epoch toy model is not the point here)."""
-    import os
+def exported_run(tmp_path_factory) -> Path:
+    """One tiny trained run (cnn_small on generated folders) with its full export, shared by the export, demo,
+    consumer, ExecuTorch, LiteRT and corpus tests."""
+    return built_once(tmp_path_factory, "exp", _train_and_export) / "artifacts/runs/m"
 
-    from core.errors import run_cli
-    from export import to_onnx
 
-    if not (trained_run / "export" / "report.json").is_file():
-        old = os.getcwd()
-        os.chdir(trained_run.parent.parent.parent)
-        try:
-            code = run_cli(
-                to_onnx.main,
-                [
-                    "--checkpoint",
-                    str(trained_run / "best.pt"),
-                    "--calib-images",
-                    "24",
-                    "--threads",
-                    "1",
-                    "--min-agreement",
-                    "90",
-                    "--max-drop",
-                    "10",
-                    "--max-class-drop",
-                    "30",
-                    "--embed-preprocessing",
-                    "--executorch-int8",
-                    "--litert-int8",
-                ],
-            )
-        finally:
-            os.chdir(old)
-        assert code == 0
-    return trained_run
+@pytest.fixture(scope="session")
+def trained_run(exported_run: Path) -> Path:
+    """The same run, for tests that read only its checkpoint."""
+    return exported_run

@@ -150,3 +150,17 @@ def test_data_check_reports_the_corpus(polluted, corpus, capsys):
     assert {"mode CMYK", "mode I;16", "mode P", "mode RGBA", "mode LA", "mode 1"} <= set(found)
     assert found["tiny image"].count == 1  # the 1x1
     assert r.splits["train"] and r.splits["val"]
+
+
+def test_training_skips_every_bad_file_with_one_warning_line_each(polluted, corpus, tmp_path):
+    """train.py as a user runs it on the polluted folder: exit 0, and stderr holds nothing but `warning: ...` lines
+    (no file:line prefix, no echoed source line), one naming each file it skipped."""
+    from tests.conftest import train_argv
+
+    cmd = [sys.executable, str(ROOT / "training/train.py"), *train_argv(polluted)]
+    res = subprocess.run(cmd, cwd=tmp_path, capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    lines = res.stderr.splitlines()
+    assert lines and all(line.startswith("warning: ") for line in lines), res.stderr[-2000:]
+    refused = [p.name for c, p in corpus if c.expect == "refuse" and not p.name.startswith("oversized")]
+    assert not [name for name in refused if not any(name in line and "skipping" in line for line in lines)]

@@ -40,8 +40,8 @@ def train_cmd(data: Path, name: str, *extra: str) -> list[str]:
     ]
 
 
-def run(cmd: list[str], cwd: Path, crash: str | None = None) -> subprocess.CompletedProcess:
-    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+def run(cmd: list[str], cwd: Path, crash: str | None = None, **env_vars: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "PYTHONPATH": str(ROOT), **env_vars}
     env.pop("CLS_CRASH_AT", None)
     if crash:
         env["CLS_CRASH_AT"] = crash
@@ -116,9 +116,12 @@ def test_sigkill_then_resume_with_ema_matches_uninterrupted_run(crash_env):
     assert max((a[k].float() - b[k].float()).abs().max().item() for k in a) <= 1e-6
 
 
-def test_resume_without_any_run_is_a_clear_error(workdir, tiny_folder):
-    res = run(train_cmd(tiny_folder, "x", "--resume"), workdir)
-    assert res.returncode == 2 and res.stderr.strip().startswith("error: nothing to resume")
+def test_resume_without_any_run_is_a_clear_error(workdir, tiny_folder, capsys):
+    from core.errors import run_cli
+    from training import train
+
+    assert run_cli(train.main, train_argv(tiny_folder, "--resume", name="x")) == 2
+    assert capsys.readouterr().err.strip().startswith("error: nothing to resume")
 
 
 def digits_cmd(name: str, batch: int, *extra: str, nproc: int = 1) -> list[str]:
@@ -133,44 +136,52 @@ def digits_cmd(name: str, batch: int, *extra: str, nproc: int = 1) -> list[str]:
     ]
 
 
-def test_torchrun_gloo_two_processes_equal_one_process_with_the_same_global_batch(tmp_path, monkeypatch):
+@pytest.fixture(scope="module")
+def digits_ref(tmp_path_factory) -> Path:
+    """The plain engine's digits run in one process, global batch 32, one thread: what torchrun and Lightning must
+    reproduce (trained once per module and worker, not once per test)."""
+    root = tmp_path_factory.mktemp("digits")
+    res = run(digits_cmd("one", 32), root, OMP_NUM_THREADS="1")
+    assert res.returncode == 0, res.stderr[-2000:]
+    return root / "artifacts/runs/one"
+
+
+def test_torchrun_gloo_two_processes_equal_one_process_with_the_same_global_batch(digits_ref, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    one = run(digits_cmd("one", 32), tmp_path)
-    assert one.returncode == 0, one.stderr[-2000:]
-    two = run(digits_cmd("two", 16, nproc=2), tmp_path)
-    assert two.returncode == 0, two.stderr[-3000:]
-    assert "2 processes (global batch 32)" in two.stdout
-    assert two.stdout.count("wrote ") == 1 and two.stdout.count("epoch   1/3") == 1  # rank 0 logs, once
-    # killed at the end of epoch 2 on every rank, then resumed under torchrun
+    # two processes train epochs 1-2 and are killed at the end of epoch 2 on every rank, then resumed under
+    # torchrun: every epoch's numbers, from either side of the kill, must be the one-process run's
     killed = run(digits_cmd("resumed", 16, nproc=2), tmp_path, crash="epoch#2")
     assert killed.returncode != 0
     res = run(digits_cmd("resumed", 16, "--resume", "resumed", nproc=2), tmp_path)
     assert res.returncode == 0, res.stderr[-3000:]
-    assert "resuming resumed at epoch 2/3" in res.stdout
+    assert "resuming resumed at epoch 2/3" in res.stdout and "2 processes (global batch 32)" in res.stdout
+    assert res.stdout.count("wrote ") == 1 and res.stdout.count("epoch   3/3") == 1  # rank 0 logs, once
     runs = tmp_path / "artifacts/runs"
-    assert sorted(p.name for p in runs.iterdir()) == ["latest", "one", "resumed", "two"]
-    ref = history(runs / "one")
-    for name in ("two", "resumed"):
-        for g, w in zip(history(runs / name), ref, strict=True):
-            assert g["lr"] == pytest.approx(w["lr"], rel=1e-9)
-            assert g["train_acc"] == w["train_acc"] and g["val_acc"] == w["val_acc"]  # metrics reduced over ranks
-            for k in ("train_loss", "val_loss"):
-                assert abs(g[k] - w[k]) <= 1e-5, (name, k, g["epoch"], g[k], w[k])
-        a = load_checkpoint(runs / name / "best.pt")
-        b = load_checkpoint(runs / "one" / "best.pt")
-        assert max((a.state_dict[k] - b.state_dict[k]).abs().max().item() for k in a.state_dict) <= 1e-5
-        assert a.metrics["accuracy"] == b.metrics["accuracy"] and a.metrics["n"] == b.metrics["n"] == 450
+    assert sorted(p.name for p in runs.iterdir()) == ["latest", "resumed"]
+    got, ref = history(runs / "resumed"), history(digits_ref)
+    assert [r["epoch"] for r in got] == [1, 2, 3]
+    for g, w in zip(got, ref, strict=True):
+        assert g["lr"] == pytest.approx(w["lr"], rel=1e-9)
+        assert g["train_acc"] == w["train_acc"] and g["val_acc"] == w["val_acc"]  # metrics reduced over ranks
+        for k in ("train_loss", "val_loss"):
+            assert abs(g[k] - w[k]) <= 1e-5, (k, g["epoch"], g[k], w[k])
+    a = load_checkpoint(runs / "resumed" / "best.pt")
+    b = load_checkpoint(digits_ref / "best.pt")
+    assert max((a.state_dict[k] - b.state_dict[k]).abs().max().item() for k in a.state_dict) <= 1e-5
+    assert a.metrics["accuracy"] == b.metrics["accuracy"] and a.metrics["n"] == b.metrics["n"] == 450
 
 
-def test_sync_bn_on_cpu_is_refused_clearly(workdir, tiny_folder):
-    res = run(train_cmd(tiny_folder, "s", "--sync-bn"), workdir)
-    assert res.returncode == 2 and "--sync-bn needs CUDA" in res.stderr
+def test_sync_bn_on_cpu_is_refused_clearly(workdir, tiny_folder, capsys):
+    from core.errors import run_cli
+    from training import train
+
+    assert run_cli(train.main, train_argv(tiny_folder, "--sync-bn", name="s")) == 2
+    assert "--sync-bn needs CUDA" in capsys.readouterr().err
+    assert not (workdir / "artifacts/runs").exists()  # refused before any run folder was made
 
 
-def test_lightning_engine_same_format_same_numbers_and_resumes_across_engines(tmp_path, monkeypatch):
+def test_lightning_engine_same_format_same_numbers_and_resumes_across_engines(digits_ref, tmp_path, monkeypatch):
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    plain = run(digits_cmd("plain", 32), tmp_path)
-    assert plain.returncode == 0, plain.stderr[-2000:]
     lit = run(digits_cmd("lit", 32, "--engine", "lightning"), tmp_path)
     assert lit.returncode == 0, lit.stderr[-2000:]
     assert "engine lightning" in lit.stdout
@@ -179,8 +190,8 @@ def test_lightning_engine_same_format_same_numbers_and_resumes_across_engines(tm
     res = run(digits_cmd("mixed", 32, "--resume", "mixed"), tmp_path)  # finished by the plain engine
     assert res.returncode == 0 and "resuming mixed at epoch 2/3" in res.stdout, res.stderr[-2000:]
     runs = tmp_path / "artifacts/runs"
-    ref = load_checkpoint(runs / "plain/best.pt")
-    raw_ref = torch.load(runs / "plain/best.pt", weights_only=True)
+    ref = load_checkpoint(digits_ref / "best.pt")
+    raw_ref = torch.load(digits_ref / "best.pt", weights_only=True)
     for name in ("lit", "mixed"):
         ck = load_checkpoint(runs / name / "best.pt")
         raw = torch.load(runs / name / "best.pt", weights_only=True)
@@ -188,19 +199,19 @@ def test_lightning_engine_same_format_same_numbers_and_resumes_across_engines(tm
         assert ck.spec == ref.spec and set(ck.metrics) == set(ref.metrics)
         assert ck.state_dict.keys() == ref.state_dict.keys()
         assert abs(ck.metrics["accuracy"] - ref.metrics["accuracy"]) <= 0.01  # comparable (here: equal)
-        for g, w in zip(history(runs / name), history(runs / "plain"), strict=True):
+        for g, w in zip(history(runs / name), history(digits_ref), strict=True):
             assert abs(g["train_loss"] - w["train_loss"]) <= 1e-6 and abs(g["val_loss"] - w["val_loss"]) <= 1e-6
 
 
-def test_lightning_engine_averages_weights_like_the_plain_one(tmp_path, monkeypatch):
+def test_lightning_engine_averages_weights_like_the_plain_one(digits_ref, tmp_path, monkeypatch):
     """--ema under --engine lightning: the same averaged numbers as the plain engine, and different ones from a run
     without the average."""
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
-    for name, extra in (("p", ()), ("pe", ("--ema", "0.9")), ("le", ("--ema", "0.9", "--engine", "lightning"))):
+    for name, extra in (("pe", ("--ema", "0.9")), ("le", ("--ema", "0.9", "--engine", "lightning"))):
         res = run(digits_cmd(name, 32, *extra), tmp_path)
         assert res.returncode == 0, res.stderr[-2000:]
     runs = tmp_path / "artifacts/runs"
-    plain, pe, le = (history(runs / n) for n in ("p", "pe", "le"))
+    plain, pe, le = history(digits_ref), history(runs / "pe"), history(runs / "le")
     assert any(abs(a["val_loss"] - b["val_loss"]) > 1e-4 for a, b in zip(plain, pe, strict=True))
     for g, w in zip(le, pe, strict=True):
         assert abs(g["train_loss"] - w["train_loss"]) <= 1e-6 and abs(g["val_loss"] - w["val_loss"]) <= 1e-6

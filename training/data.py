@@ -15,7 +15,6 @@ from typing import Any
 import numpy as np
 import torch
 from PIL import Image
-from sklearn.model_selection import train_test_split
 from torch.utils.data import Dataset
 
 from core.errors import UserError
@@ -62,6 +61,8 @@ def stratified_split(
     seed: int = SPLIT_SEED,
     strata: Sequence | None = None,
 ) -> tuple[Split, Split]:
+    from sklearn.model_selection import train_test_split  # ~2 s to import: only runs that split pay it
+
     idx = np.arange(len(items))
     a, b = train_test_split(
         idx, test_size=fraction, random_state=seed, stratify=strata if strata is not None else labels
@@ -198,6 +199,8 @@ def elpv_source(task: str = "4class", val_split: float = 0.15) -> DataSource:
         names = [ELPV_LEVELS[v] for v in levels]
         labels = np.array([int(np.argmin([abs(p - v) for v in levels])) for p in probs])
     strata = [f"{lab}-{t}" for lab, t in zip(labels, types, strict=True)]  # balance mono/poly too
+    from sklearn.model_selection import train_test_split
+
     idx = list(range(len(paths)))
     trval_idx, test_idx = train_test_split(idx, test_size=0.25, random_state=SPLIT_SEED, stratify=strata)
     test = Split([paths[i] for i in sorted(test_idx)], [int(labels[i]) for i in sorted(test_idx)])

@@ -17,6 +17,7 @@ import tempfile
 import warnings
 from collections.abc import Iterator
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -27,10 +28,12 @@ from core.images import ImageError
 from core.models.efficientnet_lite import Prefix
 from core.onnx_export import simplified, torch_to_onnx
 from core.preprocess import preprocess
-from core.quantization import QConfig, int8_aware_config, prefix_config, quantize_one
 from core.spec import ModelSpec
 from training.data import Split, load_item
 from training.engine import progress_bar
+
+if TYPE_CHECKING:  # onnx and ONNX Runtime's quantizer load only when a run trains against INT8 (~1.3 s per start)
+    from core.quantization import QConfig
 
 
 def _item_key(item: object) -> str:
@@ -104,6 +107,8 @@ def _ort_runner(backbone: nn.Module, spec: ModelSpec, tmp: Path, int8_calib: np.
         import onnx
         from onnxruntime.quantization.shape_inference import quant_pre_process
 
+        from core.quantization import quantize_one
+
         onnx.save(simplified(path), str(tmp / "simplified.onnx"))  # the graph the export quantizes: padding folded
         quant_pre_process(str(tmp / "simplified.onnx"), str(tmp / "pre.onnx"), skip_symbolic_shape=True)
         part = sum(n.op_type == "Conv" for n in onnx.load(str(tmp / "pre.onnx")).graph.node)
@@ -129,6 +134,8 @@ def int8_part_config(whole_convs: int, part_convs: int) -> tuple[QConfig, bool]:
     keeps the same first convolutions in fp32 as the export keeps in the whole model, and its output the Q/DQ pair
     that the whole model's next block reads through (core.quantization.prefix_config); the whole backbone of a
     transfer run (its head has no convolutions) keeps the configuration as is."""
+    from core.quantization import int8_aware_config, prefix_config
+
     try:
         return prefix_config(int8_aware_config(), whole_convs, part_convs), whole_convs > part_convs
     except ValueError as e:
@@ -203,6 +210,8 @@ def cached_features(
     key = cache_key(spec, weights, split, stop, views)
     calib = None
     if int8_calib is not None:  # the INT8 numbers depend on the calibration images and the scheme too
+        from core.quantization import int8_aware_config
+
         tag += "-int8"
         # how the INT8 graph is made (configuration, simplified graph, input on its pixel grid): a change of any of
         # them must not reuse old caches
