@@ -1119,3 +1119,13 @@ def test_a_negative_mixup_is_refused_and_a_resume_keeps_it(workdir, tiny_folder,
     assert run_scratch(tiny_folder, mixup=0.2, epochs=1, name="m") == 0
     assert run_scratch(tiny_folder, epochs=2, resume="m") == 2
     assert "mixup=0.2" in capsys.readouterr().err
+
+
+def test_the_training_cli_starts_without_the_libraries_only_some_runs_need():
+    """onnx / ONNX Runtime's quantizer (INT8-aware runs), matplotlib (the plots at a run's end) and scikit-learn (the
+    split) load when first used: `train.py --help`, a refused option or a killed run do not pay ~4-5 s for them."""
+    import subprocess
+
+    probe = "import sys, training.train; print(*(m for m in ('onnx', 'matplotlib', 'sklearn') if m in sys.modules))"
+    out = subprocess.run([sys.executable, "-c", probe], capture_output=True, text=True, check=True, timeout=120)
+    assert out.stdout.split() == []  # each name printed here was imported at start-up
