@@ -133,7 +133,8 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
         return root
     from filelock import FileLock
 
-    shared, done = worker_root.parent / name, worker_root.parent / f"{name}.done"
+    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID", "run")  # never a folder of an earlier session (--basetemp)
+    shared, done = worker_root.parent / f"{name}-{run_id}", worker_root.parent / f"{name}-{run_id}.done"
     with FileLock(f"{shared}.lock"):
         if not done.is_file():
             shutil.rmtree(shared, ignore_errors=True)  # a half-built folder of a worker whose build failed
