@@ -46,11 +46,9 @@ def benchmark_rows(runners: Runners, m: ServedModel, n: int, progress=None) -> l
 
 
 def benchmark_plot(rows: list[list]):
-    import matplotlib
+    from training.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 3.6))
     for r in rows:
         ax.scatter(r[3], r[1], s=40 + 6 * r[6])

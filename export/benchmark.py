@@ -211,11 +211,9 @@ def _calls(r: dict) -> str:
 
 
 def plot(rows: list[dict], path: Path) -> None:
-    import matplotlib
+    from training.plots import pyplot
 
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
+    plt = pyplot()
     fig, ax = plt.subplots(figsize=(6, 4))
     for r in rows:
         ax.scatter(r["p50_ms"], r["accuracy"], s=30 + 8 * r["size_mb"])

@@ -126,12 +126,13 @@ def built_once(tmp_path_factory, name: str, build) -> Path:
     """A folder `build` makes once per test session. Under pytest-xdist the first worker to ask builds it, under a
     lock, in the session's shared temp folder (the others wait or find it done) and every worker gets its own copy,
     so a test that writes beside it never races a test on the other worker."""
-    worker_root = tmp_path_factory.getbasetemp()
     if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: its own temp folder is the session's
         root = tmp_path_factory.mktemp(name)
         build(root)
         return root
     from filelock import FileLock
+
+    worker_root = tmp_path_factory.getbasetemp()
 
     run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID", "run")  # never a folder of an earlier session (--basetemp)
     shared, done = worker_root.parent / f"{name}-{run_id}", worker_root.parent / f"{name}-{run_id}.done"

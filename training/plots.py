@@ -8,9 +8,9 @@ import numpy as np
 from PIL import Image
 
 
-def _pyplot():
+def pyplot():
     """matplotlib's pyplot on the file-only Agg backend, loaded at the first figure: a run killed or refused
-    before it plots never pays the import (~0.5-1 s per start)."""
+    before it plots never pays the import (~0.5-1 s per start). Every figure of the project draws through it."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -20,7 +20,7 @@ def _pyplot():
 
 
 def plot_curves(history: list[dict], path: Path) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     ep = [h["epoch"] for h in history]
     fig, (a1, a2) = plt.subplots(1, 2, figsize=(10, 4))
     a1.plot(ep, [h["train_loss"] for h in history], label="train")
@@ -40,7 +40,7 @@ def plot_curves(history: list[dict], path: Path) -> None:
 
 
 def plot_confusion(cm: list[list[int]], class_names: list[str], path: Path, title: str = "") -> None:
-    plt = _pyplot()
+    plt = pyplot()
     cm_a = np.asarray(cm)
     n = len(class_names)
     size = min(4 + 0.45 * n, 24)
@@ -70,7 +70,7 @@ def plot_confusion(cm: list[list[int]], class_names: list[str], path: Path, titl
 def image_grid(
     images: list[Image.Image], captions: list[str], path: Path, colors: list[str] | None = None, cols: int = 6
 ) -> None:
-    plt = _pyplot()
+    plt = pyplot()
     rows = max(1, -(-len(images) // cols))
     fig, axes = plt.subplots(rows, cols, figsize=(2.4 * cols, 2.7 * rows), squeeze=False)
     for k, ax in enumerate(axes.flat):
