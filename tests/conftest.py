@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -122,36 +123,81 @@ def _train_and_export(root: Path) -> None:
         os.chdir(old)
 
 
-def built_once(tmp_path_factory, name: str, build) -> Path:
-    """A folder `build` makes once per test session. Under pytest-xdist the first worker to ask builds it, under a
-    lock, in the session's shared temp folder (the others wait or find it done) and every worker gets its own copy,
-    so a test that writes beside it never races a test on the other worker."""
-    if "PYTEST_XDIST_WORKER" not in os.environ:  # one process: its own temp folder is the session's
-        root = tmp_path_factory.mktemp(name)
-        build(root)
-        return root
+# What the shared toy run depends on: the code that trains and exports it, this file, and the libraries that write its
+# files. A cached build is reused only under the same key, so a change to any of them rebuilds it.
+BUILD_SOURCES = ("core", "training", "export")
+BUILD_LIBRARIES = (
+    "torch",
+    "torchvision",
+    "numpy",
+    "pillow",
+    "onnx",
+    "onnxruntime",
+    "onnxsim",
+    "executorch",
+    "litert-torch",
+)
+
+
+HERE = Path(__file__).resolve()
+
+
+def build_key(root: Path = HERE.parents[1], also: Path = HERE) -> str:
+    """A digest of the Python files under BUILD_SOURCES in `root`, the file `also` (this one), and the versions of
+    Python and of BUILD_LIBRARIES."""
+    import hashlib
+    from importlib.metadata import PackageNotFoundError, version
+
+    digest = hashlib.sha256(f"python {sys.version}\n".encode())
+    files = [f for d in BUILD_SOURCES for f in sorted((root / d).rglob("*.py"))] + [also]
+    for f in files:
+        digest.update(f.name.encode() if f == also else f.relative_to(root).as_posix().encode())
+        digest.update(b"\0" + f.read_bytes() + b"\0")
+    for lib in BUILD_LIBRARIES:
+        try:
+            digest.update(f"{lib}=={version(lib)}\n".encode())
+        except PackageNotFoundError:
+            digest.update(f"{lib} absent\n".encode())
+    return digest.hexdigest()[:16]
+
+
+def built_once(config, tmp_path_factory, name: str, build) -> Path:
+    """A folder `build` makes once, and a private copy of it for the calling process (a test that writes beside it
+    never races a test on the other xdist worker). The build lives in pytest's cache folder under build_key(), made
+    under a file lock by the first process that asks (the other worker waits or finds it done), so the next test
+    session of the same code reuses it: CI's browser session after the xdist session, a developer's next run.
+    Builds of other keys are removed when a new one is made. Without pytest's cache plugin
+    (`-p no:cacheprovider`) the build goes to the session's temp folders instead."""
     from filelock import FileLock
 
-    worker_root = tmp_path_factory.getbasetemp()
-
-    run_id = os.environ.get("PYTEST_XDIST_TESTRUNUID", "run")  # never a folder of an earlier session (--basetemp)
-    shared, done = worker_root.parent / f"{name}-{run_id}", worker_root.parent / f"{name}-{run_id}.done"
+    cache = getattr(config, "cache", None)
+    if cache is not None:
+        home = cache.mkdir("toy-builds")
+    else:  # the session's shared temp folder (xdist workers' basetemps are siblings under it)
+        base = tmp_path_factory.getbasetemp()
+        home = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
+    shared = home / f"{name}-{build_key()}"
+    done = shared.with_name(shared.name + ".done")
     with FileLock(f"{shared}.lock"):
         if not done.is_file():
-            shutil.rmtree(shared, ignore_errors=True)  # a half-built folder of a worker whose build failed
+            for old in home.glob(f"{name}-*"):  # other keys' builds, and a half-built folder of a failed build
+                if old.is_dir():
+                    shutil.rmtree(old, ignore_errors=True)
+                elif not old.name.startswith(shared.name):
+                    old.unlink(missing_ok=True)
             shared.mkdir()
             build(shared)
             done.touch()
-    own = worker_root / name
-    shutil.copytree(shared, own, symlinks=True)
+    own = tmp_path_factory.mktemp(name)
+    shutil.copytree(shared, own, symlinks=True, dirs_exist_ok=True)
     return own
 
 
 @pytest.fixture(scope="session")
-def exported_run(tmp_path_factory) -> Path:
+def exported_run(request, tmp_path_factory) -> Path:
     """One tiny trained run (cnn_small on generated folders) with its full export, shared by the export, demo,
     consumer, ExecuTorch, LiteRT and corpus tests."""
-    return built_once(tmp_path_factory, "exp", _train_and_export) / "artifacts/runs/m"
+    return built_once(request.config, tmp_path_factory, "exp", _train_and_export) / "artifacts/runs/m"
 
 
 @pytest.fixture(scope="session")
