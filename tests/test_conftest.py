@@ -19,6 +19,16 @@ def _tree(root: Path) -> Path:
     return root
 
 
+def cache_config(home: Path) -> SimpleNamespace:
+    """A stand-in for pytest's config whose cache plugin keeps its folders under `home`."""
+
+    def mkdir(name: str) -> Path:
+        (home / name).mkdir(parents=True, exist_ok=True)
+        return home / name
+
+    return SimpleNamespace(cache=SimpleNamespace(mkdir=mkdir))
+
+
 def test_the_build_key_follows_the_code_that_builds_and_nothing_else(tmp_path):
     root, also = _tree(tmp_path / "repo"), tmp_path / "conftest.py"
     also.write_text("X = 1\n")
@@ -40,9 +50,7 @@ def test_the_build_key_follows_the_code_that_builds_and_nothing_else(tmp_path):
 
 def test_built_once_reuses_one_build_per_key_and_hands_out_private_copies(tmp_path, tmp_path_factory, monkeypatch):
     home = tmp_path / "cache"
-    config = SimpleNamespace(
-        cache=SimpleNamespace(mkdir=lambda name: (home / name).mkdir(parents=True, exist_ok=True) or home / name)
-    )
+    config = cache_config(home)
     builds: list[Path] = []
 
     def build(root: Path) -> None:
@@ -66,10 +74,7 @@ def test_built_once_reuses_one_build_per_key_and_hands_out_private_copies(tmp_pa
 
 
 def test_a_failed_build_is_not_reused(tmp_path, tmp_path_factory, monkeypatch):
-    home = tmp_path / "cache"
-    config = SimpleNamespace(
-        cache=SimpleNamespace(mkdir=lambda name: (home / name).mkdir(parents=True, exist_ok=True) or home / name)
-    )
+    config = cache_config(tmp_path / "cache")
     monkeypatch.setattr(conftest, "build_key", lambda: "k1")
 
     def broken(root: Path) -> None:
