@@ -142,13 +142,14 @@ BUILD_LIBRARIES = (
 HERE = Path(__file__).resolve()
 
 
-def build_key(root: Path = HERE.parents[1], also: Path = HERE) -> str:
-    """A digest of the Python files under BUILD_SOURCES in `root`, the file `also` (this one), and the versions of
-    Python and of BUILD_LIBRARIES."""
+def build_key(home: Path, root: Path = HERE.parents[1], also: Path = HERE) -> str:
+    """A digest of the folder `home` the build is written to (its checkpoint records the absolute path of its data
+    there, so a moved checkout must not reuse it), the Python files under BUILD_SOURCES in `root`, the file `also`
+    (this one), and the versions of Python and of BUILD_LIBRARIES."""
     import hashlib
     from importlib.metadata import PackageNotFoundError, version
 
-    digest = hashlib.sha256(f"python {sys.version}\n".encode())
+    digest = hashlib.sha256(f"{home.resolve()}\npython {sys.version}\n".encode())
     files = [f for d in BUILD_SOURCES for f in sorted((root / d).rglob("*.py"))] + [also]
     for f in files:
         digest.update(f.name.encode() if f == also else f.relative_to(root).as_posix().encode())
@@ -176,7 +177,7 @@ def built_once(config, tmp_path_factory, name: str, build) -> Path:
     else:  # the session's shared temp folder (xdist workers' basetemps are siblings under it)
         base = tmp_path_factory.getbasetemp()
         home = base.parent if "PYTEST_XDIST_WORKER" in os.environ else base
-    shared = home / f"{name}-{build_key()}"
+    shared = home / f"{name}-{build_key(home)}"
     done = shared.with_name(shared.name + ".done")
     with FileLock(f"{shared}.lock"):
         if not done.is_file():
