@@ -136,9 +136,8 @@ def prefix_config(cfg: QConfig, whole_convs: int, part_convs: int) -> QConfig:
     return replace(cfg, float_lead=(keep - 0.5) / part_convs)  # ceil(lead * part_convs) == keep
 
 
-_POOL_AND_HEAD = frozenset(
-    ("ReduceMean", "ReduceMax", "GlobalAveragePool", "GlobalMaxPool", "Concat", "Flatten", "Gemm", "MatMul")
-)
+_POOLS = frozenset(("ReduceMean", "ReduceMax", "GlobalAveragePool", "GlobalMaxPool"))
+_POOL_AND_HEAD = _POOLS | {"Concat", "Flatten", "Gemm", "MatMul"}
 
 
 def leading_nodes(model: onnx.ModelProto, fraction: float) -> list[str]:
@@ -203,7 +202,9 @@ def lead_steps(model: onnx.ModelProto, after: float, steps: int, fallback: float
 
 def tail_nodes(model: onnx.ModelProto) -> list[str]:
     """Pooling, concatenation, flattening and classifier nodes upstream of no convolution: what turns the feature
-    maps into logits. (A squeeze-excitation pool feeds a convolution and is not part of it.)"""
+    maps into logits. (A squeeze-excitation pool feeds a convolution and is not part of it.) Everything computed from
+    a pooling node's output belongs to it too: a covariance pooling's centring, product and upper-triangle gather
+    (core.models.efficientnet_lite.covariance_pool) would otherwise multiply two rounded maps."""
     producer = {o: n for n in model.graph.node for o in n.output}
     upstream: set[str] = set()
     stack = [n for n in model.graph.node if n.op_type == "Conv"]
@@ -213,7 +214,17 @@ def tail_nodes(model: onnx.ModelProto) -> list[str]:
             if p is not None and p.name not in upstream:
                 upstream.add(p.name)
                 stack.append(p)
-    return [n.name for n in model.graph.node if n.op_type in _POOL_AND_HEAD and n.name not in upstream]
+    after_pool: set[str] = set()  # graph order is topological: a node's inputs are produced before it
+    for n in model.graph.node:
+        if n.name in upstream:
+            continue
+        if n.op_type in _POOLS or any(producer[i].name in after_pool for i in n.input if i in producer):
+            after_pool.add(n.name)
+    return [
+        n.name
+        for n in model.graph.node
+        if n.name not in upstream and (n.op_type in _POOL_AND_HEAD or n.name in after_pool)
+    ]
 
 
 def float_nodes(model: onnx.ModelProto, cfg: QConfig) -> list[str]:

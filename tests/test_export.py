@@ -672,3 +672,27 @@ def test_the_retry_tries_the_two_closest_configurations_and_twins_only_uncorrect
         QConfig(reduce_range=True, corrected=True),
         MIXED_7BIT,
     )
+
+
+@pytest.mark.slow
+def test_covariance_pooled_transfer_model_exports_to_every_format_and_int8_keeps_the_product_in_float(
+    workdir, tiny_folder
+):
+    """`--cov-taps`: the covariance pooling is part of the model, so every fp32 format answers like PyTorch and the
+    INT8 model multiplies the unrounded, centred block output (the float tail), as --int8-aware trained against."""
+    from training import train
+
+    argv = ["--data", str(tiny_folder), "--mode", "transfer", "--model", "efficientnet_lite0", "--epochs", "2"]
+    assert run_cli(train.main, [*argv, "--cov-taps", "14", "--name", "cov"]) == 0
+    run = workdir / "artifacts/runs/cov"
+    assert json.loads((run / "meta.json").read_text())["spec"]["arch_kwargs"]["cov_taps"] == [14]
+    budget = ["--min-agreement", "90", "--max-drop", "10", "--max-class-drop", "30"]  # a toy model's INT8 accuracy
+    assert one_shot(run, "--no-benchmark", *budget) == 0
+    rep = json.loads((run / "export/report.json").read_text())
+    rows = {r["artifact"]: r for r in rep["artifacts"]}
+    for name in ("onnx_fp32", "torchscript", "torchscript_mobile", "executorch", "litert"):
+        assert rows[name]["agreement"] == 100.0 and rows[name]["max_abs_diff"] <= 1e-4, name
+    q = onnx.load(str(run / "export/model.int8.onnx"))
+    producer = {o: n for n in q.graph.node for o in n.output}
+    (matmul,) = [n for n in q.graph.node if n.op_type == "MatMul"]
+    assert all(producer[i].op_type != "DequantizeLinear" for i in matmul.input)

@@ -300,6 +300,67 @@ def test_mixed_configs_keep_the_tail_in_float_and_their_backbone_does_not_depend
     assert np.abs(logits - ref).max() > 0  # INT8 numbers, not a float copy
 
 
+class TinyCovariance(TinyResidual):
+    """TinyResidual with a covariance-pooling tap on its residual block's output (a map that also feeds the head
+    conv), as `--cov-taps` adds to a Lite backbone."""
+
+    def __init__(self) -> None:
+        from core.models.efficientnet_lite import triu_index
+
+        super().__init__()
+        self.fc = nn.Linear(64 + 36, 4)
+        self.register_buffer("index", triu_index(8), persistent=False)
+
+    def features(self, x):
+        from core.models.efficientnet_lite import covariance_pool
+
+        x = nn.functional.relu6(self.stem(x))
+        x = x + self.project(nn.functional.relu6(self.dw(nn.functional.relu6(self.expand(x)))))
+        h = nn.functional.relu6(self.head_conv(x))
+        return torch.cat([h.mean((2, 3)), h.amax((2, 3)), covariance_pool(x, self.index)], 1)
+
+
+def test_a_covariance_tap_is_computed_in_float_from_the_int8_map(tmp_path):
+    """The float tail holds everything computed from a pooling node: the covariance's centring, product and gather
+    read the rounded block output but never round again, so the whole INT8 model is still the float head on the INT8
+    backbone (what --int8-aware trains against); the tail of a model without it is what it was."""
+    import core.quantization as cq
+    from core.quantization import tail_nodes
+
+    net = TinyCovariance().eval()
+    full = _export(net, tmp_path / "full.onnx")
+    fp = onnx.load(str(full))
+    kind = {n.name: n.op_type for n in fp.graph.node}
+    tail = {kind[t] for t in tail_nodes(fp)}
+    assert {"Sub", "Transpose", "MatMul", "Gather", "ReduceMean", "Concat", "Gemm"} <= tail
+    assert "Conv" not in tail and "Add" not in tail and "Clip" not in tail  # the maps themselves stay INT8
+    plain = onnx.load(str(_export(TinyResidual().eval(), tmp_path / "plain.onnx")))
+    assert {n.op_type for n in plain.graph.node if n.name in tail_nodes(plain)} == {
+        "ReduceMean",
+        "ReduceMax",
+        "Concat",
+        "Gemm",
+    }
+    calib, held = _images(64, 8), _images(96, 9)
+    q = onnx.load(str(quantize_one(full, tmp_path / "q.onnx", calib, cq.MIXED)))
+    qb = onnx.load(
+        str(
+            quantize_one(
+                _export(_Features(net), tmp_path / "b.onnx", "features"), tmp_path / "qb.onnx", calib, cq.MIXED
+            )
+        )
+    )
+    producer = {o: n for n in q.graph.node for o in n.output}
+    matmuls = [n for n in q.graph.node if n.op_type == "MatMul"]
+    assert matmuls and all(producer[i].op_type != "DequantizeLinear" for n in matmuls for i in n.input)
+    (logits,) = _run(q, held)
+    (feats,) = _run(qb, held, ("features",))
+    head = feats @ net.fc.weight.detach().numpy().T + net.fc.bias.detach().numpy()
+    assert np.abs(logits - head).max() < 1e-4
+    (ref,) = _run(fp, held)
+    assert np.abs(logits - ref).max() > 0
+
+
 class _Block(nn.Module):
     """TinyResidual's stem and residual block: a partial finetune's frozen prefix (head_conv and fc train)."""
 

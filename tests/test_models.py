@@ -51,6 +51,52 @@ def test_spec_rebuild_gives_same_architecture():
     assert torch.equal(a.eval()(x), b.eval()(x))
 
 
+def test_covariance_pool_is_the_centred_channel_covariance_upper_triangle():
+    import numpy as np
+
+    from core.models.efficientnet_lite import covariance_pool, triu_index
+
+    x = torch.randn(3, 5, 4, 6, dtype=torch.float64)
+    got = covariance_pool(x, triu_index(5)).numpy()
+    rows, cols = np.triu_indices(5)
+    for b in range(3):
+        want = np.cov(x[b].reshape(5, -1).numpy(), bias=True)  # over the 24 positions, centred per channel
+        assert np.allclose(got[b], want[rows, cols])
+    shifted = covariance_pool(x + torch.randn(3, 5, 1, 1, dtype=torch.float64) * 10, triu_index(5))
+    assert torch.allclose(shifted, torch.from_numpy(got))  # a per-image, per-channel offset changes nothing
+
+
+@pytest.mark.parametrize(("cov_taps", "extra"), [((), 0), ((14,), 192 * 193 // 2), ((14, 10), 112 * 113 // 2 + 18528)])
+def test_lite_covariance_taps_widen_the_features_and_survive_the_spec(cov_taps, extra):
+    kw = {"weights": "imagenet", "transfer": True, "image_size": 64, "crop": "squash"}
+    spec = default_spec("efficientnet_lite0", ("a", "b"), **kw)
+    with_cov = default_spec("efficientnet_lite0", ("a", "b"), **kw, cov_taps=cov_taps)
+    assert ("cov_taps" in with_cov.arch_kwargs) == bool(cov_taps)  # a spec without them stays as it was written
+    plain, model = model_from_spec(spec).eval(), model_from_spec(ModelSpec.from_json(with_cov.to_json())).eval()
+    assert model.num_features == plain.num_features + extra == model.head.fc.in_features
+    assert set(model.state_dict()) == set(plain.state_dict())  # the index is a constant, not a weight
+    plain.backbone.load_state_dict(model.backbone.state_dict())
+    x = torch.randn(2, 3, 64, 64)
+    with torch.no_grad():
+        feats, base = model.backbone(x), plain.backbone(x)
+    assert feats.shape == (2, plain.num_features + extra)
+    # layout, in block order: a tap's mean and max, then its covariance if it has one; the last layer's mean and max
+    first_order = []
+    for i, block in enumerate(model.backbone._blocks):
+        c = block._bn2.num_features
+        first_order += [True] * (2 * c if i in model.backbone.taps else 0)
+        first_order += [False] * (c * (c + 1) // 2 if i in cov_taps else 0)
+    first_order = torch.tensor(first_order + [True] * 2 * 1280)
+    assert torch.equal(feats[:, first_order], base)  # the first-order features are unchanged
+
+
+def test_covariance_taps_are_refused_where_they_do_not_apply():
+    with pytest.raises(ValueError, match="EfficientNet-Lite option"):
+        default_spec("resnet18", ("a", "b"), cov_taps=(3,))
+    with pytest.raises(ValueError, match="block indices < 16"):
+        create_model("efficientnet_lite0", 2, 3, 32, cov_taps=(16,))
+
+
 def test_pretrained_lite0_recognises_sample_images():
     """ImageNet weights from the offline package are loaded right: china.jpg -> palace, flower.jpg -> daisy."""
     from PIL import Image

@@ -321,6 +321,12 @@ def test_feature_cache_key_changes_with_every_option_that_changes_the_arrays(tin
     pooled = replace(spec, arch_kwargs={**kw, "pool": "meanmax"})
     assert cache_key(pooled, "imagenet", split) != base  # transfer caches pooled features
     assert cache_key(pooled, "imagenet", split, stop=12) == cache_key(spec, "imagenet", split, stop=12)
+    cov = replace(spec, arch_kwargs={**kw, "cov_taps": [14]})
+    assert cache_key(cov, "imagenet", split) != base  # ... and their covariances
+    assert cache_key(replace(spec, arch_kwargs={**kw, "cov_taps": [10]}), "imagenet", split) != cache_key(
+        cov, "imagenet", split
+    )
+    assert cache_key(cov, "imagenet", split, stop=12) == cache_key(spec, "imagenet", split, stop=12)  # after the cut
 
 
 def test_partial_finetune_trains_only_the_blocks_after_the_cut(workdir, tiny_folder):
@@ -375,6 +381,10 @@ def test_channels_last_is_the_default_training_layout_and_trains_the_same_model(
         (["--mode", "finetune", "--trainable-from", "16"], "block index from 1 to 15"),
         (["--mode", "finetune", "--trainable-from", "12", "--augment", "basic"], "image augmentation cannot"),
         (["--mode", "finetune", "--trainable-from", "12", "--taps", "4,14"], "--taps [4] lie in the frozen"),
+        (["--mode", "finetune", "--trainable-from", "12", "--cov-taps", "10,14"], "--cov-taps [10] lie in the frozen"),
+        (["--mode", "transfer", "--cov-taps", "last"], "--cov-taps 'last': give block indices"),
+        (["--mode", "transfer", "--cov-taps", "16"], "block indices < 16"),
+        (["--mode", "scratch", "--model", "cnn_small", "--cov-taps", "1"], "an EfficientNet-Lite option"),
         (["--mode", "scratch", "--model", "cnn_small", "--views", "8"], "--views applies to cached features"),
         (["--mode", "transfer", "--bn-momentum", "0.1"], "--mode transfer trains only the head"),
         (["--mode", "scratch", "--model", "cnn_small", "--bn-momentum", "1.5"], "--bn-momentum 1.5 is outside (0, 1]"),

@@ -66,6 +66,12 @@ def get_args_parser() -> argparse.ArgumentParser:
         "'none', or auto (multi-scale in transfer mode)",
     )
     g.add_argument("--pool", choices=("auto", "mean", "meanmax"), default="auto")
+    g.add_argument(
+        "--cov-taps",
+        default="none",
+        help="EfficientNet-Lite: blocks whose output also gives its channel covariance over positions "
+        "(second-order texture statistics), e.g. '14' (the last 192-channel block: 18,528 features), or 'none'",
+    )
     g = p.add_argument_group("preprocessing (recorded in the model spec)")
     g.add_argument("--image-size", type=int, help="network input side (default per model/data)")
     g.add_argument("--resize-size", type=int, help="shorter side before center crop (default: the model's ratio)")

@@ -57,7 +57,7 @@ def cache_key(spec: ModelSpec, weights: str | None, split: Split, stop: int | No
         pre.pop(k)
     bb = {k: v for k, v in spec.arch_kwargs.items() if k not in ("head", "dropout", "hidden")}
     if stop is not None:  # pooling and taps act after the cached prefix
-        bb = {k: v for k, v in bb.items() if k not in ("taps", "pool")}
+        bb = {k: v for k, v in bb.items() if k not in ("taps", "pool", "cov_taps")}
     blob = [CACHE_VERSION, pre, bb, weights, stop, views]
     h = hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode())
     for it in split.items:

@@ -57,6 +57,7 @@ RESUME_LOCKED = (
     "hidden",
     "taps",
     "pool",
+    "cov_taps",
     "image_size",
     "resize_size",
     "crop",
@@ -77,9 +78,20 @@ RESUME_LOCKED = (
 )
 
 
+def block_list(flag: str, value: str, auto: bool = False) -> tuple[int, ...] | None:
+    """'none' -> (), '4,7,10' -> (4, 7, 10), 'auto' (where `auto`) -> None; anything else is refused."""
+    if value == "none" or (auto and value == "auto"):
+        return () if value == "none" else None
+    try:
+        return tuple(int(t) for t in value.split(","))
+    except ValueError:
+        form = "'auto', 'none'" if auto else "'none'"
+        raise UserError(f"{flag} {value!r}: give block indices separated by commas (e.g. 10,14), or {form}") from None
+
+
 def build_spec(args: argparse.Namespace, source: DataSource, weights: str | None) -> ModelSpec:
     """The run's spec: the registry defaults (core.models.default_spec), what the data says, then the flags."""
-    taps = None if args.taps == "auto" else () if args.taps == "none" else tuple(int(t) for t in args.taps.split(","))
+    taps = block_list("--taps", args.taps, auto=True)
     return default_spec(
         args.model,
         source.class_names,
@@ -97,6 +109,7 @@ def build_spec(args: argparse.Namespace, source: DataSource, weights: str | None
         hidden=args.hidden,
         taps=taps,
         pool=None if args.pool == "auto" else args.pool,
+        cov_taps=block_list("--cov-taps", args.cov_taps),
     )
 
 
@@ -143,12 +156,14 @@ def check_partial(args: argparse.Namespace, entry: ModelEntry) -> None:
         )
 
 
-def check_cut(cut: int, num_blocks: int, taps: tuple[int, ...]) -> None:
+def check_cut(cut: int, num_blocks: int, arch_kwargs: dict) -> None:
     if not 1 <= cut < num_blocks:
         raise UserError(f"--trainable-from must be a block index from 1 to {num_blocks - 1} ({num_blocks} blocks)")
-    early = [t for t in taps if t < cut]
-    if early:
-        raise UserError(f"--taps {early} lie in the frozen blocks before --trainable-from {cut}")
+    for key in ("taps", "cov_taps"):
+        early = [t for t in arch_kwargs.get(key, ()) if t < cut]
+        if early:
+            flag = "--" + key.replace("_", "-")
+            raise UserError(f"{flag} {early} lie in the frozen blocks before --trainable-from {cut}")
 
 
 def resolve_weights(args: argparse.Namespace, entry: ModelEntry) -> str | None:
@@ -361,16 +376,19 @@ def train(args: argparse.Namespace, d: Dist, device: torch.device) -> int:
     weights = resolve_weights(args, entry)
     source = load_source(args.data, args.val_split, args.elpv_task, args.data_dir)
     health = data_check(args, d)
-    spec = build_spec(args, source, weights)
-    model = create_model(
-        args.model,
-        spec.num_classes,
-        spec.in_channels,
-        spec.image_size,
-        weights,
-        keep_pretrained_head=False,
-        **spec.arch_kwargs,
-    )
+    try:
+        spec = build_spec(args, source, weights)
+        model = create_model(
+            args.model,
+            spec.num_classes,
+            spec.in_channels,
+            spec.image_size,
+            weights,
+            keep_pretrained_head=False,
+            **spec.arch_kwargs,
+        )
+    except ValueError as e:  # an option the architecture cannot take (a tap past its last block, ...)
+        raise UserError(f"{args.model}: {e}") from None
     if args.mode == "scratch":
         init_weights(model, args.init)
     elif args.init != "default":
@@ -378,7 +396,7 @@ def train(args: argparse.Namespace, d: Dist, device: torch.device) -> int:
     if args.mode == "transfer":
         model.freeze_backbone()
     elif args.trainable_from is not None:
-        check_cut(args.trainable_from, len(model.backbone._blocks), tuple(spec.arch_kwargs.get("taps", ())))
+        check_cut(args.trainable_from, len(model.backbone._blocks), spec.arch_kwargs)
         frozen = freeze_prefix(model.backbone, args.trainable_from)
         if args.int8_aware:  # refused before a run folder exists when the export keeps the whole prefix in fp32
             int8_part_config(conv_count(model.backbone), sum(conv_count(m) for m in frozen))

@@ -99,8 +99,9 @@ def _lite(variant: str) -> Builder:
         taps: tuple[int, ...] = (),
         pool: str = "mean",
         drop_connect: float = 0.2,
+        cov_taps: tuple[int, ...] = (),
     ):
-        net = EfficientNetLite(width, depth, in_channels, drop_connect, tuple(taps), pool)
+        net = EfficientNetLite(width, depth, in_channels, drop_connect, tuple(taps), pool, tuple(cov_taps))
         if not weights:
             return net, net.num_features, None
         sd = lite_imagenet_state_dict(variant) if weights == LITE_WEIGHTS else load_state_dict_file(weights)
@@ -260,6 +261,7 @@ def default_spec(
     hidden: int = 256,
     taps: tuple[int, ...] | None = None,
     pool: str | None = None,
+    cov_taps: tuple[int, ...] = (),
 ) -> ModelSpec:
     """The one way a spec is built: the registry entry's preprocessing defaults, then what the data says
     (`native_size`: square images of that side, squashed rather than cropped; `gray`: grayscale data), then
@@ -279,7 +281,10 @@ def default_spec(
     if taps is None:
         taps = entry.transfer_taps if transfer else ()
     pool = pool or (entry.transfer_pool if transfer else "mean")
-    kw = arch_kwargs_for_spec(head, dropout, hidden, **({"taps": list(taps), "pool": pool} if lite else {}))
+    if cov_taps and not lite:
+        raise ValueError(f"covariance pooling taps are an EfficientNet-Lite option; {model} is not one")
+    lite_kw = {"taps": list(taps), "pool": pool, **({"cov_taps": sorted(set(cov_taps))} if cov_taps else {})}
+    kw = arch_kwargs_for_spec(head, dropout, hidden, **(lite_kw if lite else {}))
     return ModelSpec(
         model,
         tuple(class_names),
@@ -296,6 +301,7 @@ def default_spec(
 
 def model_from_spec(spec: ModelSpec) -> ImageClassifier:
     kw = dict(spec.arch_kwargs)
-    if "taps" in kw:
-        kw["taps"] = tuple(kw["taps"])
+    for k in ("taps", "cov_taps"):
+        if k in kw:
+            kw[k] = tuple(kw[k])
     return create_model(spec.arch, spec.num_classes, spec.in_channels, spec.image_size, weights=None, **kw)

@@ -117,7 +117,10 @@ class EfficientNetLite(nn.Module):
     """Backbone: image -> pooled features.
 
     `taps` adds pooled features of earlier blocks (multi-scale texture statistics); `pool="meanmax"`
-    concatenates global max to global mean pooling, which keeps small local defects visible.
+    concatenates global max to global mean pooling, which keeps small local defects visible. `cov_taps` adds the
+    second-order statistics of those blocks' outputs: the channel covariance over positions (see covariance_pool).
+    Feature layout, in block order: each tap's pooled statistics (then its covariance, for a covariance tap), the
+    last layer's pooled statistics last.
     """
 
     def __init__(
@@ -128,6 +131,7 @@ class EfficientNetLite(nn.Module):
         drop_connect: float = 0.2,
         taps: tuple[int, ...] = (),
         pool: str = "mean",
+        cov_taps: tuple[int, ...] = (),
     ) -> None:
         super().__init__()
         self._conv_stem = SameConv2d(in_channels, 32, 3, 2, bias=False)  # stem/head not scaled in Lite
@@ -141,10 +145,14 @@ class EfficientNetLite(nn.Module):
         self._blocks = nn.ModuleList(MBConv(*spec, drop=drop_connect * i / len(specs)) for i, spec in enumerate(specs))
         self._conv_head = nn.Conv2d(specs[-1][1], 1280, 1, bias=False)
         self._bn1 = _bn(1280)
-        if pool not in ("mean", "meanmax") or any(not 0 <= t < len(specs) for t in taps):
-            raise ValueError(f"pool must be mean|meanmax and taps block indices < {len(specs)}")
+        if pool not in ("mean", "meanmax") or any(not 0 <= t < len(specs) for t in (*taps, *cov_taps)):
+            raise ValueError(f"pool must be mean|meanmax and taps/cov_taps block indices < {len(specs)}")
         self.taps, self.pool = tuple(int(t) for t in taps), pool
+        self.cov_taps = tuple(sorted({int(t) for t in cov_taps}))
         self.num_features = (1280 + sum(specs[t][1] for t in self.taps)) * (2 if pool == "meanmax" else 1)
+        for t in self.cov_taps:  # constants of the graph, not weights: old checkpoints load, exports inline them
+            self.register_buffer(f"_cov_index_{t}", triu_index(specs[t][1]), persistent=False)
+            self.num_features += specs[t][1] * (specs[t][1] + 1) // 2
 
     def _pool(self, x: torch.Tensor) -> list[torch.Tensor]:
         return [x.mean((2, 3)), x.amax((2, 3))] if self.pool == "meanmax" else [x.mean((2, 3))]
@@ -165,8 +173,27 @@ class EfficientNetLite(nn.Module):
             x = self._blocks[i](x)
             if i in self.taps:
                 pooled += self._pool(x)
+            if i in self.cov_taps:
+                pooled.append(covariance_pool(x, getattr(self, f"_cov_index_{i}")))
         pooled += self._pool(F.relu6(self._bn1(self._conv_head(x))))
         return torch.cat(pooled, 1) if len(pooled) > 1 else pooled[0]
+
+
+def triu_index(c: int) -> torch.Tensor:
+    """Positions of the upper triangle (diagonal included, row by row) in a flattened c x c matrix."""
+    rows, cols = torch.triu_indices(c, c)
+    return rows * c + cols
+
+
+def covariance_pool(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
+    """[B, C, H, W] -> [B, C(C+1)/2]: the channel covariance over the H*W positions, centred per image, upper
+    triangle (`index` = triu_index(C)). Which filters fire together, not only how much each fires: texture statistics
+    that mean and max pooling lose. It starts with a pooling (the mean), so an INT8 export's float tail (everything
+    computed from a pooling, core.quantization.tail_nodes) holds the centring and the product too."""
+    c, n = int(x.shape[1]), int(x.shape[2]) * int(x.shape[3])  # Python ints: constant shapes in exported graphs
+    h = (x - x.mean((2, 3), keepdim=True)).reshape(-1, c, n)
+    cov = torch.matmul(h, h.transpose(1, 2)) / n
+    return cov.reshape(-1, c * c).index_select(1, index)
 
 
 class Prefix(nn.Module):
