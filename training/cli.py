@@ -68,9 +68,10 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--pool", choices=("auto", "mean", "meanmax"), default="auto")
     g.add_argument(
         "--cov-taps",
-        default="none",
+        default="auto",
         help="EfficientNet-Lite: blocks whose output also gives its channel covariance over positions "
-        "(second-order texture statistics), e.g. '14' (the last 192-channel block: 18,528 features), or 'none'",
+        "(second-order texture statistics), e.g. '14' (Lite0's last 192-channel block: 18,528 features), 'none', "
+        "or auto (the end of stage 6 in transfer mode, none otherwise)",
     )
     g = p.add_argument_group("preprocessing (recorded in the model spec)")
     g.add_argument("--image-size", type=int, help="network input side (default per model/data)")

@@ -46,7 +46,7 @@ def _item_key(item: object) -> str:
     return f"{type(ds).__name__}:{getattr(ds, 'root', '')}:{i}"
 
 
-CACHE_VERSION = 5  # bump when decoding or backbone code changes what features come out (5: full-size JPEG decode)
+CACHE_VERSION = 6  # bump when decoding or backbone code changes what features come out (6: covariance / sqrt(C))
 
 
 def cache_key(spec: ModelSpec, weights: str | None, split: Split, stop: int | None = None, views: int = 1) -> str:

@@ -109,7 +109,7 @@ def build_spec(args: argparse.Namespace, source: DataSource, weights: str | None
         hidden=args.hidden,
         taps=taps,
         pool=None if args.pool == "auto" else args.pool,
-        cov_taps=block_list("--cov-taps", args.cov_taps),
+        cov_taps=block_list("--cov-taps", args.cov_taps, auto=True),
     )
 
 

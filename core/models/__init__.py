@@ -17,7 +17,7 @@ from torch import nn
 from core.errors import UserError
 from core.models import simple
 from core.models.classifier import HEADS, ImageClassifier, make_head
-from core.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite
+from core.models.efficientnet_lite import LITE_VARIANTS, EfficientNetLite, stage_ends
 from core.models.pretrained import (
     LITE_WEIGHTS,
     lite_imagenet_state_dict,
@@ -53,6 +53,7 @@ class ModelEntry:
     interpolation: str = "bilinear"
     transfer_taps: tuple[int, ...] = ()  # extra pooled feature blocks in transfer mode (EfficientNet-Lite)
     transfer_pool: str = "mean"  # pooling in transfer mode
+    transfer_cov_taps: tuple[int, ...] = ()  # blocks whose covariance is pooled too in transfer mode
     from_weights: bool = False  # fill size/resize/interpolation/mean/std from torchvision's DEFAULT weights
 
     def preprocessing(self) -> dict[str, Any]:
@@ -145,6 +146,7 @@ for _name, (_w, _d, _res, _drop) in LITE_VARIANTS.items():
             {"dropout": _drop},
             transfer_taps=LITE_TRANSFER_TAPS,
             transfer_pool="meanmax",
+            transfer_cov_taps=(stage_ends(_d)[5],),  # the end of stage 6 (Lite0: block 14, 192 channels)
         )
     )
 for _name, _fn in (
@@ -261,7 +263,7 @@ def default_spec(
     hidden: int = 256,
     taps: tuple[int, ...] | None = None,
     pool: str | None = None,
-    cov_taps: tuple[int, ...] = (),
+    cov_taps: tuple[int, ...] | None = None,
 ) -> ModelSpec:
     """The one way a spec is built: the registry entry's preprocessing defaults, then what the data says
     (`native_size`: square images of that side, squashed rather than cropped; `gray`: grayscale data), then
@@ -281,6 +283,8 @@ def default_spec(
     if taps is None:
         taps = entry.transfer_taps if transfer else ()
     pool = pool or (entry.transfer_pool if transfer else "mean")
+    if cov_taps is None:
+        cov_taps = entry.transfer_cov_taps if transfer else ()
     if cov_taps and not lite:
         raise ValueError(f"covariance pooling taps are an EfficientNet-Lite option; {model} is not one")
     lite_kw = {"taps": list(taps), "pool": pool, **({"cov_taps": sorted(set(cov_taps))} if cov_taps else {})}

@@ -12,6 +12,7 @@ import math
 from collections.abc import Iterator
 from contextlib import contextmanager
 
+import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -33,6 +34,19 @@ LITE_VARIANTS = {
     "efficientnet_lite1": (1.0, 1.1, 240, 0.2),
     "efficientnet_lite2": (1.1, 1.2, 260, 0.3),
 }
+
+
+def _blocks_in(stage: int, depth: float) -> int:
+    """Blocks of a stage at a depth multiplier. Lite keeps the depth of the first and last stage (Lite2's weights:
+    1, 3, 3, 4, 4, 5, 1 blocks)."""
+    repeats = _STAGES[stage][0]
+    return repeats if depth == 1.0 or stage in (0, len(_STAGES) - 1) else math.ceil(repeats * depth)
+
+
+def stage_ends(depth: float) -> list[int]:
+    """Index of the last block of each stage at a depth multiplier (Lite0: 0, 2, 4, 7, 10, 14, 15)."""
+    ends = np.cumsum([_blocks_in(stage, depth) for stage in range(len(_STAGES))]) - 1
+    return [int(e) for e in ends]
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
@@ -137,9 +151,8 @@ class EfficientNetLite(nn.Module):
         self._conv_stem = SameConv2d(in_channels, 32, 3, 2, bias=False)  # stem/head not scaled in Lite
         self._bn0 = _bn(32)
         specs = []
-        for stage, (repeats, k, s, e, cin, cout) in enumerate(_STAGES):
-            # Lite keeps the depth of the first and last stage (Lite2's weights: 1, 3, 3, 4, 4, 5, 1 blocks)
-            n = repeats if depth == 1.0 or stage in (0, len(_STAGES) - 1) else math.ceil(repeats * depth)
+        for stage, (_, k, s, e, cin, cout) in enumerate(_STAGES):
+            n = _blocks_in(stage, depth)
             cin, cout = _round_channels(cin, width), _round_channels(cout, width)
             specs += [(cin if i == 0 else cout, cout, k, s if i == 0 else 1, e) for i in range(n)]
         self._blocks = nn.ModuleList(MBConv(*spec, drop=drop_connect * i / len(specs)) for i, spec in enumerate(specs))
@@ -187,12 +200,16 @@ def triu_index(c: int) -> torch.Tensor:
 
 def covariance_pool(x: torch.Tensor, index: torch.Tensor) -> torch.Tensor:
     """[B, C, H, W] -> [B, C(C+1)/2]: the channel covariance over the H*W positions, centred per image, upper
-    triangle (`index` = triu_index(C)). Which filters fire together, not only how much each fires: texture statistics
-    that mean and max pooling lose. It starts with a pooling (the mean), so an INT8 export's float tail (everything
-    computed from a pooling, core.quantization.tail_nodes) holds the centring and the product too."""
+    triangle (`index` = triu_index(C)), divided by sqrt(C). Which filters fire together, not only how much each
+    fires: texture statistics that mean and max pooling lose. The sqrt(C) keeps the head's training stable: Adam moves
+    every weight by about the learning rate per step, so the logits move by about lr x the sum of the features'
+    magnitudes, and unscaled the 18,528 covariances of a 192-channel map moved them ~6x more than the 3,456
+    first-order features (the INT8 penalty of the training loss spiked to hundreds for epochs; docs/experiments.md). It
+    starts with a pooling (the mean), so an INT8 export's float tail (everything computed from a pooling,
+    core.quantization.tail_nodes) holds the centring and the product too."""
     c, n = int(x.shape[1]), int(x.shape[2]) * int(x.shape[3])  # Python ints: constant shapes in exported graphs
     h = (x - x.mean((2, 3), keepdim=True)).reshape(-1, c, n)
-    cov = torch.matmul(h, h.transpose(1, 2)) / n
+    cov = torch.matmul(h, h.transpose(1, 2)) / (n * c**0.5)
     return cov.reshape(-1, c * c).index_select(1, index)
 
 
