@@ -1014,6 +1014,23 @@ def test_a_run_recorded_before_ema_existed_resumes_without_it(workdir, tiny_fold
     assert json.loads((workdir / "artifacts/runs/old/meta.json").read_text())["args"]["ema"] == 0.0
 
 
+def test_a_transfer_run_recorded_before_cov_taps_existed_resumes_without_the_covariance(workdir, tiny_folder, capsys):
+    """Its head was trained on first-order features only: the resumed run must rebuild that model, not today's
+    default; asking it for a covariance is a changed option, refused."""
+    argv = ["--data", str(tiny_folder), "--mode", "transfer", "--model", "efficientnet_lite0", "--epochs", "2"]
+    assert run_train(*argv, "--cov-taps", "none", "--name", "old") == 0
+    resume = workdir / "artifacts/runs/old/resume.pt"
+    state = torch.load(resume, weights_only=True)
+    state["epoch"], state["history"] = 1, state["history"][:1]
+    del state["args"]["cov_taps"]  # as resume.pt files written before the option
+    torch.save(state, resume)
+    assert run_train(*argv, "--cov-taps", "14", "--resume", "old") == 2
+    assert "changed options ['cov_taps']" in capsys.readouterr().err
+    assert run_train(*argv, "--resume", "old") == 0  # --cov-taps auto, the default
+    meta = json.loads((workdir / "artifacts/runs/old/meta.json").read_text())
+    assert meta["args"]["cov_taps"] == "none" and "cov_taps" not in meta["spec"]["arch_kwargs"]
+
+
 def test_a_run_recorded_before_balanced_selection_existed_resumes(workdir, tiny_folder):
     """resume.pt written before val_bal_acc / --select-metric: the run continues, history.csv gains the column
     (empty for the old epoch), and the later epochs are compared with the old best on accuracy as before."""

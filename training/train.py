@@ -206,6 +206,9 @@ def check_resume(args: argparse.Namespace, main: bool) -> tuple[Path | None, dic
     if "ema" not in old and args.ema:  # recorded before --ema existed: the run goes on as it started, unaveraged
         print("note: this run was started without --ema (recorded before the option existed); it resumes without it")
         args.ema = 0.0
+    if "cov_taps" not in old:  # recorded before --cov-taps existed: its model pools no covariance
+        old["cov_taps"] = "none"
+        args.cov_taps = "none" if args.cov_taps == "auto" else args.cov_taps  # an explicit other value is refused
     # the layout changes the float summation order: a resumed run keeps the one it started with (runs recorded
     # before channels_last became the default started without it)
     args.channels_last = old.get("channels_last", False)
