@@ -184,13 +184,18 @@ def test_onnx_and_torchscript_parity_every_model(name, tmp_path):
     arch = PARITY_STANDIN.get(name, name)
     entry = get_entry(arch)
     size = 32 if arch == "mixer_s16" else max(32, entry.min_size)
+    torch.manual_seed(0)
     model = create_model(arch, 3, 3, size).eval()
     spec = default_spec(arch, ("a", "b", "c"), image_size=size, crop="squash")
     x = torch.randn(3, 3, size, size, generator=torch.Generator().manual_seed(0))
     with torch.no_grad():
         ref = model(x).numpy()
     path = export_onnx(model, spec, tmp_path / "m.onnx")
-    tol = lambda got, want: np.all(np.abs(got - want) <= 1e-4 + 1e-4 * np.abs(want))  # noqa: E731
+    # float32 rounding error grows with the size of the numbers computed, not with each logit: randomly initialised
+    # Inception-v3 gives logits of ~1e7, where a logit near 0 was off by 1.2x an elementwise 1e-4 tolerance (fused
+    # BatchNorm; 1 of 6 seeds) while every error was within 6e-6 of its row's largest logit
+    scale = np.abs(ref).max(1, keepdims=True)
+    tol = lambda got, want: np.all(np.abs(got - want) <= 1e-4 + 1e-4 * scale[: len(got)])  # noqa: E731
     for b in (1, 3):
         assert tol(run_onnx(path, x[:b].numpy()), ref[:b]), f"ONNX batch {b}"
     with torch.no_grad():
