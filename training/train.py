@@ -78,20 +78,23 @@ RESUME_LOCKED = (
 )
 
 
-def block_list(flag: str, value: str, auto: bool = False) -> tuple[int, ...] | None:
-    """'none' -> (), '4,7,10' -> (4, 7, 10), 'auto' (where `auto`) -> None; anything else is refused."""
-    if value == "none" or (auto and value == "auto"):
-        return () if value == "none" else None
+def block_list(flag: str, value: str) -> tuple[int, ...] | None:
+    """'auto' -> None (the model's default), 'none' -> (), '4,7,10' -> (4, 7, 10); anything else is refused."""
+    if value == "auto":
+        return None
+    if value == "none":
+        return ()
     try:
         return tuple(int(t) for t in value.split(","))
     except ValueError:
-        form = "'auto', 'none'" if auto else "'none'"
-        raise UserError(f"{flag} {value!r}: give block indices separated by commas (e.g. 10,14), or {form}") from None
+        raise UserError(
+            f"{flag} {value!r}: give block indices separated by commas (e.g. 10,14), 'auto' or 'none'"
+        ) from None
 
 
 def build_spec(args: argparse.Namespace, source: DataSource, weights: str | None) -> ModelSpec:
     """The run's spec: the registry defaults (core.models.default_spec), what the data says, then the flags."""
-    taps = block_list("--taps", args.taps, auto=True)
+    taps = block_list("--taps", args.taps)
     return default_spec(
         args.model,
         source.class_names,
@@ -109,7 +112,7 @@ def build_spec(args: argparse.Namespace, source: DataSource, weights: str | None
         hidden=args.hidden,
         taps=taps,
         pool=None if args.pool == "auto" else args.pool,
-        cov_taps=block_list("--cov-taps", args.cov_taps, auto=True),
+        cov_taps=block_list("--cov-taps", args.cov_taps),
     )
 
 

@@ -11,8 +11,8 @@ from __future__ import annotations
 import math
 from collections.abc import Iterator
 from contextlib import contextmanager
+from itertools import accumulate
 
-import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
@@ -45,8 +45,7 @@ def _blocks_in(stage: int, depth: float) -> int:
 
 def stage_ends(depth: float) -> list[int]:
     """Index of the last block of each stage at a depth multiplier (Lite0: 0, 2, 4, 7, 10, 14, 15)."""
-    ends = np.cumsum([_blocks_in(stage, depth) for stage in range(len(_STAGES))]) - 1
-    return [int(e) for e in ends]
+    return [n - 1 for n in accumulate(_blocks_in(stage, depth) for stage in range(len(_STAGES)))]
 
 
 def _bn(c: int) -> nn.BatchNorm2d:
