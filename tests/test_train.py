@@ -877,6 +877,11 @@ def test_int8_aware_transfer_selects_its_epoch_on_validation_int8_logits(workdir
     assert metrics["best_epoch"] == int(best["epoch"])
     assert metrics["val_int8_agreement"] == pytest.approx(float(best["val_int8_agreement"]))
     assert metrics["val_int8_fits"] is (best["val_int8_fits"] == "1")
+    top = max(rows, key=lambda r: (float(r["val_acc"]), -float(r["val_loss"])))  # the metric alone
+    gate = metrics["int8_gate"]
+    assert gate["fp32_best_epoch"] == int(top["epoch"]) and gate["epochs"] == 6
+    assert gate["epochs_fitting"] == sum(r["val_int8_fits"] == "1" for r in rows)
+    assert gate["moved"] is (top["epoch"] != best["epoch"])
     cache = workdir / "artifacts/cache/features"
     (val_int8,) = cache.glob("*-val-int8-*.npz")
     (val,) = [p for p in cache.glob("*-val-*.npz") if "int8" not in p.name]
@@ -884,7 +889,46 @@ def test_int8_aware_transfer_selects_its_epoch_on_validation_int8_logits(workdir
     assert run_train(*argv, "--lr", "0.01", "--no-int8-select", "--name", "plain") == 0
     plain = workdir / "artifacts/runs/plain"
     assert "val_int8_agreement" not in (plain / "history.csv").read_text()
-    assert not {"val_int8_agreement", "val_int8_fits"} & set(json.loads((plain / "metrics.json").read_text()))
+    plain_metrics = json.loads((plain / "metrics.json").read_text())
+    assert not {"val_int8_agreement", "val_int8_fits", "int8_gate"} & set(plain_metrics)
+
+
+def _gate_history(accs: list[float], fits: list[int]) -> list[dict]:
+    return [
+        {"epoch": e, "val_acc": a, "val_bal_acc": a, "val_loss": 1.0 - a}
+        | {"val_int8_agreement": 0.97 + 0.03 * f, "val_int8_fits": f}
+        for e, (a, f) in enumerate(zip(accs, fits, strict=True), 1)
+    ]
+
+
+@pytest.mark.parametrize(
+    "accs, fits, chosen, expect",
+    [
+        ([0.70, 0.80, 0.79], [1, 0, 1], 3, "note: INT8 gate (--int8-select) kept epoch 3 (79.00 %): 2 of 3 epochs"),
+        ([0.70, 0.80, 0.75], [1, 0, 0], 1, "warning: INT8 gate (--int8-select) kept epoch 1 (70.00 %): 1 of 3"),
+        ([0.70, 0.80, 0.75], [0, 1, 0], 2, None),  # the gate chose what the metric chose
+        ([0.70, 0.80, 0.75], [0, 0, 0], 2, "warning: no epoch's INT8 model fit the export's budget"),
+    ],
+)
+def test_int8_gate_says_when_it_moved_the_epoch(accs, fits, chosen, expect):
+    """The selection of a --int8-select run is explained: which epoch the metric alone would have kept, how many
+    epochs fit, and a one-line note (a warning past a point of accuracy, or when nothing fit); silent otherwise."""
+    from training.recorder import int8_gate_message, int8_gate_summary, selection_key
+
+    rows = _gate_history(accs, fits)
+    best = max(rows, key=lambda r: selection_key({**r, "int8_fits": bool(r["val_int8_fits"])}, "accuracy"))
+    assert best["epoch"] == chosen
+    summary = int8_gate_summary(rows, best, "accuracy")
+    assert summary["fp32_best_epoch"] == 2 and summary["epochs_fitting"] == sum(fits) and summary["epochs"] == 3
+    assert summary["moved"] is (chosen != 2)
+    msg = int8_gate_message(summary, best, 99.0)
+    if expect is None:
+        assert msg is None
+    else:
+        assert msg.startswith(expect) and "\n" not in msg and "99.0 %" in msg
+    if summary["moved"]:
+        assert f"{100 * (0.80 - accs[chosen - 1]):.2f} points higher" in msg and "agreement 97.00 %" in msg
+    assert int8_gate_summary([{k: v for k, v in r.items() if "int8" not in k} for r in rows], best, "accuracy") is None
 
 
 @pytest.mark.parametrize(

@@ -44,6 +44,46 @@ def selection_key(row: dict, metric: str) -> tuple:
     return (row.get("int8_fits", True), *figures, -row["val_loss"])
 
 
+def int8_gate_summary(history: list[dict], best: dict, metric: str) -> dict | None:
+    """What --int8-select did to the choice of epoch: the epoch the metric alone would have kept (the fp32 best),
+    and how many epochs' INT8 models fit. None when the INT8 model was not checked per epoch."""
+    rows = [r for r in history if "val_int8_fits" in r]
+    if not rows:
+        return None
+    top = max(rows, key=lambda r: selection_key({**r, "int8_fits": True}, metric))
+    return {
+        "fp32_best_epoch": top["epoch"],
+        "fp32_best_val_accuracy": top["val_acc"],
+        "fp32_best_val_int8_agreement": top["val_int8_agreement"],
+        "epochs_fitting": sum(int(r["val_int8_fits"]) for r in rows),
+        "epochs": len(rows),
+        "moved": top["epoch"] != best["epoch"],
+    }
+
+
+def int8_gate_message(summary: dict | None, best: dict, need: float) -> str | None:
+    """One line when the INT8 gate changed the epoch or no epoch fit (a 'warning:' when it cost over a point of
+    validation accuracy or nothing fit), None when the metric alone would have chosen the same epoch."""
+    if not summary:
+        return None
+    budget = f"the export's budget on validation (agreement >= {need:.1f} %, accuracy and per-class drops)"
+    if not summary["epochs_fitting"]:
+        return (
+            f"warning: no epoch's INT8 model fit {budget}; kept the best fp32 epoch, whose INT8 export may be refused"
+            " (try --int8-consistency)"
+        )
+    if not summary["moved"]:
+        return None
+    cost = round(100 * (summary["fp32_best_val_accuracy"] - best["val_acc"]), 6)
+    return (
+        f"{'warning' if cost > 1.0 else 'note'}: INT8 gate (--int8-select) kept epoch {best['epoch']}"
+        f" ({100 * best['val_acc']:.2f} %): {summary['epochs_fitting']} of {summary['epochs']} epochs had an INT8"
+        f" model inside {budget}; epoch {summary['fp32_best_epoch']} validated {cost:.2f} points higher, its INT8"
+        f" model outside (agreement {100 * summary['fp32_best_val_int8_agreement']:.2f} %); --no-int8-select keeps"
+        " the best fp32 epoch (the export may then refuse INT8)"
+    )
+
+
 def selection_budget(args: argparse.Namespace) -> Budget:
     """The export's default budget with --int8-select-margin points more agreement (at most 100 %)."""
     margin = getattr(args, "int8_select_margin", None)

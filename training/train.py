@@ -41,7 +41,7 @@ from training.engine import (
 )
 from training.features import conv_count, int8_part_config
 from training.plots import plot_confusion, plot_curves
-from training.recorder import EpochRecorder, vars_json
+from training.recorder import EpochRecorder, int8_gate_message, int8_gate_summary, selection_budget, vars_json
 from training.report import format_report
 from training.runs import ARTIFACTS, RUNS, new_run_dir, point_latest, write_json
 
@@ -295,6 +295,7 @@ def finish(args, batches: Batches, spec: ModelSpec, run: Path, result: dict) -> 
     if not batches.d.main:
         return None
     m = classification_metrics(logits, labels, list(spec.class_names))
+    gate = int8_gate_summary(result["history"], result["best"], args.select_metric or "accuracy")
     params = sum(p.numel() for p in batches.model.parameters())
     metrics = {
         "eval_split": split_name,
@@ -310,6 +311,7 @@ def finish(args, batches: Batches, spec: ModelSpec, run: Path, result: dict) -> 
             if "val_int8_agreement" in result["best"]
             else {}
         ),
+        **({"int8_gate": gate} if gate else {}),
         "training_seconds": round(result["wall"], 1),
         "params": params,
         "size_mb": round((run / "best.pt").stat().st_size / 2**20, 2),
@@ -341,6 +343,9 @@ def finish(args, batches: Batches, spec: ModelSpec, run: Path, result: dict) -> 
             f"chosen on validation ({args.select_metric}): epoch {best['epoch']},"
             f" accuracy {100 * best['val_acc']:.2f} % (balanced {100 * best['val_bal_acc']:.2f} %)"
         )
+    note = int8_gate_message(gate, best, selection_budget(args).min_agreement)
+    if note:
+        print(note)
     print(format_report(m, list(spec.class_names), split_name))
     return metrics
 
