@@ -45,12 +45,16 @@ def selection_key(row: dict, metric: str) -> tuple:
 
 
 def int8_gate_summary(history: list[dict], best: dict, metric: str) -> dict | None:
-    """What --int8-select did to the choice of epoch: the epoch the metric alone would have kept (the fp32 best),
-    and how many epochs' INT8 models fit. None when the INT8 model was not checked per epoch."""
+    """What --int8-select did to the choice of epoch: the epoch the metric alone would have kept (the fp32 best; the
+    chosen one where the metric's figures tie), and how many epochs' INT8 models fit. None when the INT8 model was
+    not checked per epoch."""
     rows = [r for r in history if "val_int8_fits" in r]
     if not rows:
         return None
     top = max(rows, key=lambda r: selection_key({**r, "int8_fits": True}, metric))
+    figures = lambda r: tuple(r.get(k, -1.0) for k in SELECT_METRICS[metric])  # noqa: E731
+    if figures(top) <= figures(best):  # a tie on the metric, broken by the loss, is not a move
+        top = next((r for r in rows if r["epoch"] == best["epoch"]), top)
     return {
         "fp32_best_epoch": top["epoch"],
         "fp32_best_val_accuracy": top["val_acc"],
