@@ -905,8 +905,8 @@ def _gate_history(accs: list[float], fits: list[int]) -> list[dict]:
 @pytest.mark.parametrize(
     "accs, fits, chosen, expect",
     [
-        ([0.70, 0.80, 0.79], [1, 0, 1], 3, "note: INT8 gate (--int8-select) kept epoch 3 (79.00 %): 2 of 3 epochs"),
-        ([0.70, 0.80, 0.75], [1, 0, 0], 1, "warning: INT8 gate (--int8-select) kept epoch 1 (70.00 %): 1 of 3"),
+        ([0.70, 0.80, 0.79], [1, 0, 1], 3, "note: INT8 gate (--int8-select) kept epoch 3 (accuracy 79.00 %): 2 of 3"),
+        ([0.70, 0.80, 0.75], [1, 0, 0], 1, "warning: INT8 gate (--int8-select) kept epoch 1 (accuracy 70.00 %): 1"),
         ([0.70, 0.80, 0.75], [0, 1, 0], 2, None),  # the gate chose what the metric chose
         ([0.70, 0.80, 0.80], [0, 0, 1], 3, None),  # a tie on accuracy: epoch 2's lower loss is no reason to speak
         ([0.70, 0.80, 0.75], [0, 0, 0], 2, "warning: no epoch's INT8 model fit the export's budget"),
@@ -932,6 +932,19 @@ def test_int8_gate_says_when_it_moved_the_epoch(accs, fits, chosen, expect):
     if summary["moved"]:
         assert f"{100 * (0.80 - accs[chosen - 1]):.2f} points higher" in msg and "agreement 97.00 %" in msg
     assert int8_gate_summary([{k: v for k, v in r.items() if "int8" not in k} for r in rows], best, "accuracy") is None
+
+
+def test_int8_gate_note_speaks_in_the_select_metric():
+    """Under --select-metric balanced the move is measured in balanced accuracy, the figure that chose the epoch."""
+    from training.recorder import int8_gate_message, int8_gate_summary
+
+    rows = _gate_history([0.80, 0.78], [1, 0])
+    rows[0]["val_bal_acc"], rows[1]["val_bal_acc"] = 0.50, 0.60  # epoch 2: less accurate, more balanced
+    summary = int8_gate_summary(rows, rows[0], "balanced")
+    assert summary["metric"] == "val_bal_acc" and summary["fp32_best_epoch"] == 2 and summary["moved"]
+    msg = int8_gate_message(summary, rows[0], 99.0)
+    assert msg.startswith("warning: INT8 gate (--int8-select) kept epoch 1 (balanced accuracy 50.00 %)")
+    assert "10.00 points higher" in msg
 
 
 @pytest.mark.parametrize(

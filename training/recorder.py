@@ -55,8 +55,11 @@ def int8_gate_summary(history: list[dict], best: dict, metric: str) -> dict | No
     figures = lambda r: tuple(r.get(k, -1.0) for k in SELECT_METRICS[metric])  # noqa: E731
     if figures(top) <= figures(best):  # a tie on the metric, broken by the loss, is not a move
         top = next((r for r in rows if r["epoch"] == best["epoch"]), top)
+    key = SELECT_METRICS[metric][0]
     return {
+        "metric": key,
         "fp32_best_epoch": top["epoch"],
+        "fp32_best_value": top[key],
         "fp32_best_val_accuracy": top["val_acc"],
         "fp32_best_val_int8_agreement": top["val_int8_agreement"],
         "epochs_fitting": sum(int(r["val_int8_fits"]) for r in rows),
@@ -66,8 +69,9 @@ def int8_gate_summary(history: list[dict], best: dict, metric: str) -> dict | No
 
 
 def int8_gate_message(summary: dict | None, best: dict, need: float) -> str | None:
-    """One line when the INT8 gate changed the epoch or no epoch fit (a 'warning:' when it cost over a point of
-    validation accuracy or nothing fit), None when the metric alone would have chosen the same epoch."""
+    """One line when the INT8 gate changed the epoch or no epoch fit (a 'warning:' when it cost over a point of the
+    --select-metric figure on validation, or nothing fit), None when the metric alone would have chosen the same
+    epoch."""
     if not summary:
         return None
     budget = f"the export's budget on validation (agreement >= {need:.1f} %, accuracy and per-class drops)"
@@ -78,10 +82,12 @@ def int8_gate_message(summary: dict | None, best: dict, need: float) -> str | No
         )
     if not summary["moved"]:
         return None
-    cost = round(100 * (summary["fp32_best_val_accuracy"] - best["val_acc"]), 6)
+    key = summary["metric"]
+    what = "balanced accuracy" if key == "val_bal_acc" else "accuracy"
+    cost = round(100 * (summary["fp32_best_value"] - best[key]), 6)
     return (
         f"{'warning' if cost > 1.0 else 'note'}: INT8 gate (--int8-select) kept epoch {best['epoch']}"
-        f" ({100 * best['val_acc']:.2f} %): {summary['epochs_fitting']} of {summary['epochs']} epochs had an INT8"
+        f" ({what} {100 * best[key]:.2f} %): {summary['epochs_fitting']} of {summary['epochs']} epochs had an INT8"
         f" model inside {budget}; epoch {summary['fp32_best_epoch']} validated {cost:.2f} points higher, its INT8"
         f" model outside (agreement {100 * summary['fp32_best_val_int8_agreement']:.2f} %); --no-int8-select keeps"
         " the best fp32 epoch (the export may then refuse INT8)"
