@@ -40,8 +40,12 @@ def selection_key(row: dict, metric: str) -> tuple:
     """What ranks an epoch under --select-metric: the INT8 fit first (--int8-select), then the metric's validation
     figures, then the lower validation loss. A figure the row lacks (a run resumed from before it was recorded)
     ranks lowest."""
-    figures = tuple(row.get(k, -1.0) for k in SELECT_METRICS[metric])
-    return (row.get("int8_fits", True), *figures, -row["val_loss"])
+    return (row.get("int8_fits", True), *metric_figures(row, metric), -row["val_loss"])
+
+
+def metric_figures(row: dict, metric: str) -> tuple:
+    """The validation figures --select-metric ranks an epoch by, in order (-1 for one the row lacks)."""
+    return tuple(row.get(k, -1.0) for k in SELECT_METRICS[metric])
 
 
 def int8_gate_summary(history: list[dict], best: dict, metric: str) -> dict | None:
@@ -52,8 +56,8 @@ def int8_gate_summary(history: list[dict], best: dict, metric: str) -> dict | No
     if not rows:
         return None
     top = max(rows, key=lambda r: selection_key({**r, "int8_fits": True}, metric))
-    figures = lambda r: tuple(r.get(k, -1.0) for k in SELECT_METRICS[metric])  # noqa: E731
-    if figures(top) <= figures(best):  # a tie on the metric, broken by the loss, is not a move
+    # a tie on the metric, broken only by the loss, is not a move
+    if metric_figures(top, metric) <= metric_figures(best, metric):
         top = next((r for r in rows if r["epoch"] == best["epoch"]), top)
     key = SELECT_METRICS[metric][0]
     return {
