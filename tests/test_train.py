@@ -302,6 +302,27 @@ def test_symmetric_views_are_the_eight_symmetries_of_a_square():
         assert np.array_equal(np.sort(v.reshape(2, 3, -1)), np.sort(x.reshape(2, 3, -1)))
 
 
+def test_jittered_views_are_the_symmetries_of_one_borderless_reproducible_copy():
+    import numpy as np
+
+    from training.features import VIEW_ORDER, cached_view, jittered, symmetric_view
+
+    rng = np.random.default_rng(0)
+    x = rng.uniform(-0.9, 0.9, (3, 3, 40, 40)).astype(np.float32)
+    j = jittered(x)
+    assert j.shape == x.shape and j.dtype == x.dtype and np.all(np.abs(j) <= 1.0)
+    assert np.array_equal(j, jittered(x.copy()))  # seeded by the image's numbers: the INT8 cache sees the same copy
+    assert np.array_equal(jittered(x[1:2]), j[1:2])  # ... whatever batch the image comes in
+    assert all(not np.allclose(a, b, atol=0.05) for a, b in zip(j, x, strict=True))  # each image is changed
+    assert len({float(np.std(a) / np.std(b)) for a, b in zip(j, x, strict=True)}) == 3  # by its own draw
+    flat = np.full((2, 3, 40, 40), 0.2, np.float32)  # zoom-in only: a uniform image stays uniform (no black edge)
+    assert all(np.ptp(a) < 1e-6 for a in jittered(flat))
+    views = [cached_view(x, k) for k in VIEW_ORDER[16]]
+    assert len({v.tobytes() for v in views}) == 16
+    for k in range(8):
+        assert np.array_equal(views[k], symmetric_view(x, k)) and np.array_equal(views[8 + k], symmetric_view(j, k))
+
+
 def test_feature_cache_key_changes_with_every_option_that_changes_the_arrays(tiny_folder):
     from dataclasses import replace
 
@@ -315,7 +336,8 @@ def test_feature_cache_key_changes_with_every_option_that_changes_the_arrays(tin
         "efficientnet_lite0", CLASSES, image_size=32, resize_size=32, mean=(0.5,) * 3, std=(0.5,) * 3, crop="squash"
     ).replace(arch_kwargs=kw)
     base = cache_key(spec, "imagenet", split)
-    assert cache_key(spec, "imagenet", split, views=8) != base
+    assert cache_key(spec, "imagenet", split, views=8) != base != cache_key(spec, "imagenet", split, views=16)
+    assert cache_key(spec, "imagenet", split, views=8) != cache_key(spec, "imagenet", split, views=16)
     assert cache_key(spec, "imagenet", split, stop=12) != base != cache_key(spec, "imagenet", split, stop=13)
     assert cache_key(spec, None, split) != base
     head_only = replace(spec, arch_kwargs={**kw, "head": "mlp", "hidden": 64})
@@ -331,12 +353,15 @@ def test_feature_cache_key_changes_with_every_option_that_changes_the_arrays(tin
     assert cache_key(cov, "imagenet", split, stop=12) == cache_key(spec, "imagenet", split, stop=12)  # after the cut
 
 
-def test_partial_finetune_trains_only_the_blocks_after_the_cut(workdir, tiny_folder):
+@pytest.mark.parametrize("views", ["8", "16"])
+def test_partial_finetune_trains_only_the_blocks_after_the_cut(workdir, tiny_folder, views):
+    import numpy as np
+
     from core.checkpoint import load_checkpoint
     from core.models import create_model
 
     argv = ["--data", str(tiny_folder), "--mode", "finetune", "--model", "efficientnet_lite0", "--epochs", "2"]
-    assert run_train(*argv, "--trainable-from", "12", "--views", "8", "--lr", "0.01", "--name", "p") == 0
+    assert run_train(*argv, "--trainable-from", "12", "--views", views, "--lr", "0.01", "--name", "p") == 0
     run = workdir / "artifacts/runs/p"
     ck = load_checkpoint(run / "best.pt")
     ref = create_model("efficientnet_lite0", 3, 3, 32, "imagenet", keep_pretrained_head=False, **ck.spec.arch_kwargs)
@@ -347,8 +372,11 @@ def test_partial_finetune_trains_only_the_blocks_after_the_cut(workdir, tiny_fol
     assert frozen and trained
     assert all(torch.equal(ck.state_dict[k], ref_sd[k]) for k in frozen)  # weights and BN statistics untouched
     assert any(not torch.equal(ck.state_dict[k], ref_sd[k]) for k in trained)
-    cached = sorted(p.name for p in (workdir / "artifacts/cache/features").glob("*upto12*"))
-    assert any("train-upto12-8views" in n for n in cached) and any("val-upto12-" in n for n in cached)
+    cache = workdir / "artifacts/cache/features"
+    (train_cache,) = cache.glob(f"*train-upto12-{views}views-*.npz")
+    assert list(cache.glob("*val-upto12-*.npz"))
+    with np.load(train_cache) as z:  # [images, views, channels, h, w]: every view of every image
+        assert z["x"].shape[:2] == (len(z["y"]), int(views)) and len({z["x"][0, k].tobytes() for k in range(8)}) == 8
     m = json.loads((run / "metrics.json").read_text())
     assert m["n"] > 0 and "balanced_accuracy" in m
     # the checkpoint is an ordinary whole model: it predicts from images like any other run

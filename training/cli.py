@@ -82,10 +82,11 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", choices=AUGMENTATIONS, default="none")
     g.add_argument(
         "--views",
-        choices=("auto", "1", "2", "8"),
+        choices=("auto", "1", "2", "8", "16"),
         default="auto",
         help="cached-feature training: views of each training image (2 = + horizontal flip, 8 = the square's "
-        "flips and 90-degree rotations); auto = 8 for a partial finetune on data whose labels survive them "
+        "flips and 90-degree rotations, 16 = those 8 of the image and of one copy with its zoom, contrast and "
+        "brightness jittered; twice the cache); auto = 8 for a partial finetune on data whose labels survive them "
         "(ELPV cells), else 1",
     )
     g = p.add_argument_group("optimisation")

@@ -5,7 +5,8 @@ The frozen part is exported to ONNX and run by ONNX Runtime, ~10x faster than Py
 depthwise convolutions on CPU (field notes); on GPU, or if export fails, PyTorch runs it.
 Preprocessing is core.preprocess, which the golden test pins to the training eval transform.
 Training images can be cached under several label-preserving views (flips, 90-degree rotations of the
-preprocessed square): a training step then draws one view per image, as augmentation would.
+preprocessed square, optionally also of one jittered copy): a training step then draws one view per image, as
+augmentation would.
 """
 
 from __future__ import annotations
@@ -72,7 +73,32 @@ def symmetric_view(x: np.ndarray, k: int) -> np.ndarray:
     return np.ascontiguousarray(x[..., ::-1] if k >= 4 else x)
 
 
-VIEW_ORDER = {1: (0,), 2: (0, 4), 8: tuple(range(8))}
+def jittered(x: np.ndarray) -> np.ndarray:
+    """One jittered copy of each preprocessed image of a batch [B, C, H, W]: zoomed in by 1.00-1.12 at a random
+    position (so no border appears: on a solar cell a black edge reads as inactive area), then contrast x0.75-1.33
+    about the image's mean and brightness +-0.15 (in normalised units), clipped to the preprocessed range [-1, 1].
+    The draw is seeded by the image's own numbers, so the fp32 and INT8 caches of a split see the same copy."""
+    out = np.empty_like(x)
+    for i, img in enumerate(x):
+        rng = np.random.default_rng(int.from_bytes(hashlib.sha1(img.tobytes()).digest()[:8], "little"))
+        contrast = float(np.exp(rng.uniform(np.log(0.75), np.log(1.33))))
+        brightness, zoom = float(rng.uniform(-0.15, 0.15)), float(rng.uniform(1.0, 1.12))
+        h, w = img.shape[-2:]
+        ch, cw = round(h / zoom), round(w / zoom)
+        y0, x0 = int(rng.integers(0, h - ch + 1)), int(rng.integers(0, w - cw + 1))
+        crop = torch.from_numpy(np.ascontiguousarray(img[:, y0 : y0 + ch, x0 : x0 + cw], np.float32))[None]
+        t = torch.nn.functional.interpolate(crop, size=(h, w), mode="bilinear", align_corners=False)[0].numpy()
+        out[i] = np.clip(contrast * (t - t.mean()) + t.mean() + brightness, -1.0, 1.0)
+    return out
+
+
+def cached_view(x: np.ndarray, k: int) -> np.ndarray:
+    """View k of a batch: symmetry k % 8 of the images themselves (k < 8) or of their jittered copy (8 <= k < 16)."""
+    return symmetric_view(jittered(x) if k >= 8 else x, k % 8)
+
+
+# --views N caches these views of each training image (the jitter's numbers are part of what CACHE_VERSION covers)
+VIEW_ORDER = {1: (0,), 2: (0, 4), 8: tuple(range(8)), 16: tuple(range(16))}
 
 
 def _batches(split: Split, spec: ModelSpec, batch_size: int) -> Iterator[tuple[np.ndarray, list[int]]]:
@@ -185,7 +211,7 @@ def extract_features(
             if views == 1:
                 feats.append(run(x))
             else:  # float16 halves the cache of feature maps; the loader gives float32 back
-                feats.append(np.stack([run(symmetric_view(x, k)).astype(np.float16) for k in VIEW_ORDER[views]], 1))
+                feats.append(np.stack([run(cached_view(x, k)).astype(np.float16) for k in VIEW_ORDER[views]], 1))
             labels += [split.labels[i] for i in keep]
     if not feats:
         raise ValueError("no readable images in split")
