@@ -92,13 +92,17 @@ def jittered(x: np.ndarray) -> np.ndarray:
     return out
 
 
-def cached_view(x: np.ndarray, k: int) -> np.ndarray:
-    """View k of a batch: symmetry k % 8 of the images themselves (k < 8) or of their jittered copy (8 <= k < 16)."""
-    return symmetric_view(jittered(x) if k >= 8 else x, k % 8)
+VIEW_ORDER = {1: (0,), 2: (0, 4), 8: tuple(range(8))}
 
 
-# --views N caches these views of each training image (the jitter's numbers are part of what CACHE_VERSION covers)
-VIEW_ORDER = {1: (0,), 2: (0, 4), 8: tuple(range(8)), 16: tuple(range(16))}
+def cached_views(x: np.ndarray, views: int) -> Iterator[np.ndarray]:
+    """The views --views caches of a batch, in order: the symmetries VIEW_ORDER[views] of the images, or for 16 the
+    8 symmetries of the images and then of their jittered copy (made once per batch). A change to the jitter
+    changes the cached numbers: bump CACHE_VERSION with it."""
+    sources = (x, jittered(x)) if views == 16 else (x,)
+    for source in sources:
+        for k in VIEW_ORDER[min(views, 8)]:
+            yield symmetric_view(source, k)
 
 
 def _batches(split: Split, spec: ModelSpec, batch_size: int) -> Iterator[tuple[np.ndarray, list[int]]]:
@@ -211,7 +215,7 @@ def extract_features(
             if views == 1:
                 feats.append(run(x))
             else:  # float16 halves the cache of feature maps; the loader gives float32 back
-                feats.append(np.stack([run(cached_view(x, k)).astype(np.float16) for k in VIEW_ORDER[views]], 1))
+                feats.append(np.stack([run(v).astype(np.float16) for v in cached_views(x, views)], 1))
             labels += [split.labels[i] for i in keep]
     if not feats:
         raise ValueError("no readable images in split")
