@@ -277,14 +277,26 @@ def test_benchmark_summarises_seeds_as_mean_and_sample_std():
     from training.benchmark import summary_rows
 
     rows = [
-        {"config": "--mode transfer", "seed": s, "wall_s": w, "accuracy": a, "balanced": b, "val": v}
-        for s, w, a, b, v in [(0, 180, 76.0, 50.0, 81.0), (1, 60, 78.0, 52.0, 82.0), (2, 60, 80.0, 54.0, 83.0)]
+        {
+            "config": "--mode transfer",
+            "seed": s,
+            "wall_s": w,
+            "accuracy": a,
+            "balanced": b,
+            "val": v,
+            "val_balanced": vb,
+        }
+        for s, w, a, b, v, vb in [
+            (0, 180, 76.0, 50.0, 81.0, 55.0),
+            (1, 60, 78.0, 52.0, 82.0, 58.0),
+            (2, 60, 80.0, 54.0, 83.0, 61.0),
+        ]
     ]
     rows.append({"config": "--mode transfer", "seed": 3, "wall_s": 5, "error": "boom"})  # failed runs are left out
     (line,) = summary_rows(rows)
     assert "| 3 |" in line and "3.0 min (cold), 1.0 min (warm)" in line
     assert "78.00 ± 2.00 %" in line and "52.00 ± 2.00 %" in line  # ddof=1
-    assert line.index("82.00 ± 1.00 %") < line.index("78.00 ± 2.00 %")  # validation (what chose) before held-out
+    assert line.index("82.00 ± 1.00 %") < line.index("58.00 ± 3.00 %") < line.index("78.00 ± 2.00 %")  # val first
 
 
 def test_symmetric_views_are_the_eight_symmetries_of_a_square():
@@ -1167,6 +1179,8 @@ def test_benchmark_prints_validation_beside_held_out_figures_and_the_seed_mean(w
         ]
     acc = [100 * m["accuracy"] for m in metrics]
     assert f"{np.mean(acc):.2f} ± {np.std(acc, ddof=1):.2f} %" in rows[2]
+    val_bal = [100 * m["val_balanced_accuracy"] for m in metrics]
+    assert [c.strip() for c in rows[2].split("|")][5] == f"{np.mean(val_bal):.2f} ± {np.std(val_bal, ddof=1):.2f} %"
 
 
 @pytest.mark.parametrize("first", [True, False, None])  # None: resume.pt written before --channels-last existed
