@@ -4,8 +4,8 @@ python training/train.py --mode transfer            # default: ELPV solar cells,
 python training/train.py --data path/to/folder --model resnet18 --mode finetune --weights DEFAULT
 python training/train.py --data digits --model cnn_small --mode scratch --epochs 5
 python training/train.py --resume                   # continue the run whose resume.pt was written last
-python training/train.py --mode finetune --trainable-from 11 --epochs 32 --backbone-lr-scale 0.3 --pool meanmax \
-    --int8-aware                                    # the stronger CPU recipe (README)
+python training/train.py --mode finetune --trainable-from 11 --epochs 32 --backbone-lr-scale 1.0 --pool meanmax \
+    --int8-aware --views 16                         # the stronger CPU recipe (README)
 """
 
 from __future__ import annotations
