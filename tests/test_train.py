@@ -305,7 +305,9 @@ def test_symmetric_views_are_the_eight_symmetries_of_a_square():
     from training.features import VIEW_ORDER, symmetric_view
 
     x = np.arange(2 * 3 * 4 * 4, dtype=np.float32).reshape(2, 3, 4, 4)
-    views = [symmetric_view(x, k) for k in VIEW_ORDER[8]]
+    symmetries, with_jitter = VIEW_ORDER[8]
+    assert not with_jitter and VIEW_ORDER[16] == (symmetries, True)  # 16 = the same 8 of the image and of its copy
+    views = [symmetric_view(x, k) for k in symmetries]
     assert len({v.tobytes() for v in views}) == 8  # all distinct
     assert np.array_equal(views[0], x) and np.array_equal(views[4], x[..., ::-1])
     assert np.array_equal(views[1], np.rot90(x, 1, axes=(2, 3)))

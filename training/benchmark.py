@@ -64,6 +64,12 @@ def mean_std(values: list[float]) -> str:
     return f"{np.mean(values):.2f} ± {np.std(values, ddof=1):.2f}" if len(values) > 1 else f"{values[0]:.2f}"
 
 
+def seeds_mean(rows: list[dict], key: str) -> str:
+    """Mean ± sample std of one figure over the seeds that have it ("—" where none has: no separate validation)."""
+    values = [r[key] for r in rows if r.get(key) is not None]
+    return f"{mean_std(values)} %" if values else "—"
+
+
 def summary_rows(rows: list[dict]) -> list[str]:
     """One line per configuration: mean ± sample std over its seeds (the headline figures)."""
     out = []
@@ -72,14 +78,10 @@ def summary_rows(rows: list[dict]) -> list[str]:
         if not ok:
             continue
         walls = [r["wall_s"] / 60 for r in ok]
-        val, val_bal = (
-            f"{mean_std(v)} %" if (v := [r[key] for r in ok if r.get(key) is not None]) else "—"
-            for key in ("val", "val_balanced")
-        )
+        figures = " | ".join(seeds_mean(ok, key) for key in ("val", "val_balanced", "accuracy", "balanced"))
         out.append(
             f"| `{config}` | {len(ok)} | {walls[0]:.1f} min (cold), {np.mean(walls[1:] or walls):.1f} min (warm) | "
-            f"{val} | {val_bal} | {mean_std([r['accuracy'] for r in ok])} % | "
-            f"{mean_std([r['balanced'] for r in ok])} % |"
+            f"{figures} |"
         )
     return out
 

@@ -13,6 +13,7 @@ from core.spec import COLOR_MODES, CROP_MODES, INTERPOLATIONS
 from core.transforms import AUGMENTATIONS
 from training.batches import transfer_cached
 from training.engine import CLASS_WEIGHTS, OPTIMIZERS, SCHEDULES
+from training.features import VIEW_ORDER
 from training.recorder import DEFAULT_INT8_SELECT_MARGIN, SELECT_METRICS
 
 MODES = ("scratch", "finetune", "transfer")
@@ -82,7 +83,7 @@ def get_args_parser() -> argparse.ArgumentParser:
     g.add_argument("--augment", choices=AUGMENTATIONS, default="none")
     g.add_argument(
         "--views",
-        choices=("auto", "1", "2", "8", "16"),
+        choices=("auto", *map(str, VIEW_ORDER)),
         default="auto",
         help="cached-feature training: views of each training image (2 = + horizontal flip, 8 = the square's "
         "flips and 90-degree rotations, 16 = those 8 of the image and of one copy with its zoom, contrast and "

@@ -92,16 +92,17 @@ def jittered(x: np.ndarray) -> np.ndarray:
     return out
 
 
-VIEW_ORDER = {1: (0,), 2: (0, 4), 8: tuple(range(8))}
+# --views N caches, per training image, these symmetries (symmetric_view's k) of the image and, where the flag is set,
+# then the same symmetries of its jittered copy; train.py's --views choices are this table's keys
+VIEW_ORDER = {1: ((0,), False), 2: ((0, 4), False), 8: (tuple(range(8)), False), 16: (tuple(range(8)), True)}
 
 
 def cached_views(x: np.ndarray, views: int) -> Iterator[np.ndarray]:
-    """The views --views caches of a batch, in order: the symmetries VIEW_ORDER[views] of the images, or for 16 the
-    8 symmetries of the images and then of their jittered copy (made once per batch). A change to the jitter
-    changes the cached numbers: bump CACHE_VERSION with it."""
-    sources = (x, jittered(x)) if views == 16 else (x,)
-    for source in sources:
-        for k in VIEW_ORDER[min(views, 8)]:
+    """The views --views caches of a batch, in VIEW_ORDER's order (the jittered copy made once per batch). A change
+    to the jitter changes the cached numbers: bump CACHE_VERSION with it."""
+    symmetries, with_jitter = VIEW_ORDER[views]
+    for source in (x, jittered(x)) if with_jitter else (x,):
+        for k in symmetries:
             yield symmetric_view(source, k)
 
 
